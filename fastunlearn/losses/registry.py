@@ -1,0 +1,128 @@
+"""Backend registry: which implementation of the fused loss runs, and why.
+
+Each backend module registers itself with :func:`register_backend`. Kernel backends live in
+modules listed in ``_OPTIONAL_MODULES`` and are imported lazily, so a missing Triton or an
+unbuilt extension never breaks ``import fastunlearn``.
+
+Rules (DESIGN.md): ``auto`` picks the fastest available backend for the tensors' device; an
+explicitly requested backend that is unavailable is an error; an automatic fallback warns once;
+``FASTUNLEARN_STRICT=1`` turns any fallback into an error.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: Callable  # same signature as reference.unlearn_loss_ref (minus compute_dtype)
+    devices: tuple[str, ...]  # device types it runs on: "cpu", "cuda"
+    priority: int  # higher wins under "auto"
+    availability: Callable[[], tuple[bool, str]] = field(default=lambda: (True, "always"))
+    description: str = ""
+
+    def available(self, device_type: str | None = None) -> tuple[bool, str]:
+        if device_type is not None and device_type not in self.devices:
+            return False, f"runs on {'/'.join(self.devices)}, not {device_type}"
+        try:
+            return self.availability()
+        except Exception as exc:  # a probe must never crash the registry
+            return False, f"probe failed: {exc}"
+
+
+_BACKENDS: dict[str, Backend] = {}
+# name -> module that registers it when imported
+_OPTIONAL_MODULES = {
+    "triton": "fastunlearn.losses.triton_backend",
+    "cuda": "fastunlearn.losses.cuda_backend",
+    "cpp": "fastunlearn.losses.cpp_backend",
+}
+_import_errors: dict[str, str] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def register_backend(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def _load_optional() -> None:
+    for name, module in _OPTIONAL_MODULES.items():
+        if name in _BACKENDS or name in _import_errors:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            _import_errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def backend_names() -> list[str]:
+    _load_optional()
+    return ["auto", *sorted(set(_BACKENDS) | set(_OPTIONAL_MODULES))]
+
+
+def describe_backends() -> list[dict]:
+    """One dict per backend: name, devices, available (here), reason."""
+    _load_optional()
+    rows = []
+    for name in sorted(set(_BACKENDS) | set(_OPTIONAL_MODULES)):
+        if name in _BACKENDS:
+            b = _BACKENDS[name]
+            ok, why = b.available()
+            rows.append({"name": name, "devices": list(b.devices), "available": ok,
+                         "reason": why, "priority": b.priority, "description": b.description})
+        else:
+            rows.append({"name": name, "devices": [], "available": False,
+                         "reason": _import_errors.get(name, "not installed"), "priority": -1,
+                         "description": ""})
+    return rows
+
+
+def _strict() -> bool:
+    return os.environ.get("FASTUNLEARN_STRICT", "0") not in ("", "0", "false", "False")
+
+
+def resolve_backend(name: str, device_type: str) -> Backend:
+    """Return the backend to run for ``name`` on ``device_type`` ('cpu' / 'cuda')."""
+    _load_optional()
+    if name != "auto":
+        if name not in _BACKENDS:
+            known = ", ".join(backend_names())
+            why = _import_errors.get(name, "unknown backend")
+            raise BackendUnavailableError(
+                f"backend {name!r} is not available: {why} (known: {known})")
+        ok, why = _BACKENDS[name].available(device_type)
+        if not ok:
+            raise BackendUnavailableError(f"backend {name!r} is not available here: {why}")
+        return _BACKENDS[name]
+    candidates = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+    best_possible = [b for b in candidates if device_type in b.devices and b.name != "reference"]
+    for b in candidates:
+        if b.name == "reference":
+            continue
+        ok, why = b.available(device_type)
+        if ok:
+            skipped = best_possible[: best_possible.index(b)] if b in best_possible else []
+            if skipped:
+                msg = (f"fastunlearn: backend 'auto' fell back to {b.name!r} on {device_type} "
+                       f"({skipped[0].name} unavailable: {skipped[0].available(device_type)[1]})")
+                if _strict():
+                    raise BackendUnavailableError(msg + " and FASTUNLEARN_STRICT=1")
+                if (b.name, device_type) not in _warned:
+                    _warned.add((b.name, device_type))
+                    warnings.warn(msg, stacklevel=3)
+            return b
+    raise BackendUnavailableError(f"no loss backend available for device {device_type!r}")
+
+
+def get_backend(name: str) -> Backend | None:
+    _load_optional()
+    return _BACKENDS.get(name)

@@ -1,0 +1,23 @@
+"""Random inputs for loss tests, shared by every backend's tests."""
+from __future__ import annotations
+
+import torch
+
+from fastunlearn.losses import IGNORE_INDEX
+
+
+def make_case(bt=37, h=31, v=123, *, dtype=torch.float64, seed=0, ignore_frac=0.3,
+              kinds=(0, 1, 2), scale=1.0, device="cpu", separate_ref=True):
+    """hidden, weight, labels, kind, ref_hidden, ref_weight with a mix of kinds and ignores."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(bt, h, generator=g, dtype=torch.float64) * scale).to(dtype)
+    weight = (torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5).to(dtype)
+    labels = torch.randint(0, v, (bt,), generator=g)
+    labels[torch.rand(bt, generator=g) < ignore_frac] = IGNORE_INDEX
+    kind = torch.tensor(kinds)[torch.randint(0, len(kinds), (bt,), generator=g)]
+    if separate_ref:
+        ref_hidden = hidden + 0.3 * torch.randn(bt, h, generator=g, dtype=torch.float64).to(dtype)
+        ref_weight = weight + 0.05 * torch.randn(v, h, generator=g, dtype=torch.float64).to(dtype)
+    else:
+        ref_hidden, ref_weight = hidden.clone(), weight
+    return [t.to(device) for t in (hidden, weight, labels, kind, ref_hidden, ref_weight)]
