@@ -27,14 +27,16 @@ class Backend:
     fn: Callable  # same signature as reference.unlearn_loss_ref (minus compute_dtype)
     devices: tuple[str, ...]  # device types it runs on: "cpu", "cuda"
     priority: int  # higher wins under "auto"
-    availability: Callable[[], tuple[bool, str]] = field(default=lambda: (True, "always"))
+    # availability(device_type) -> (ok, reason); device_type is "cpu", "cuda" or None (any)
+    availability: Callable[[str | None], tuple[bool, str]] = field(
+        default=lambda device_type: (True, "always"))
     description: str = ""
 
     def available(self, device_type: str | None = None) -> tuple[bool, str]:
         if device_type is not None and device_type not in self.devices:
             return False, f"runs on {'/'.join(self.devices)}, not {device_type}"
         try:
-            return self.availability()
+            return self.availability(device_type)
         except Exception as exc:  # a probe must never crash the registry
             return False, f"probe failed: {exc}"
 
