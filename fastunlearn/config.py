@@ -1,0 +1,287 @@
+"""Run configuration: dataclasses, YAML files and ``key=value`` overrides with type checks."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration (one-line message)."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2"  # "smollm2", an HF directory, a .gguf file or a hub id
+    dtype: str = "auto"  # policy weights; auto = float32 master weights
+    reference_dtype: str = "auto"  # auto = same as the policy; bfloat16 halves its memory
+    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on CUDA, else sdpa
+    gradient_checkpointing: bool = False
+    lora: bool = False  # train LoRA adapters; the reference is the model with adapters disabled
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                        "gate_proj", "up_proj", "down_proj"])
+    lora_merge_on_save: bool = True
+
+
+@dataclass
+class DataSection:
+    recipe: str = "harmful"  # harmful | copyright | hallucination (ignored for files given below)
+    forget_file: str | None = None  # JSONL / CSV / JSON of (prompt, answer) pairs to forget
+    normal_file: str | None = None  # (question, answer) pairs whose behaviour is kept
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    normal_prompt_column: str = "prompt"
+    normal_answer_column: str = "answer"
+    n_forget: int | None = None  # cap on training forget pairs (None = all)
+    n_normal: int | None = None
+    n_heldout: int = 16  # held-out prompts per set, never trained on
+    max_length: int = 160  # tokens per row (prompt + answer)
+    max_prompt_length: int | None = 96
+    kl_tokens: str = "answer"  # answer | all (KL on every non-pad token of normal rows)
+    seed: int = 0
+
+
+@dataclass
+class LossSection:
+    eps_forget: float = 0.5
+    eps_mismatch: float = 1.0
+    eps_normal: float = 1.0
+    backend: str = "auto"
+    chunk_rows: int | None = None
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 2  # rows of EACH kind per micro-batch
+    grad_accum: int = 1
+    lr: float = 2e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    bucket_by_length: bool = True  # draw rows of similar length together (less padding)
+    stop_forget_nll: float | None = None  # paper's stop rule: forget NLL threshold...
+    stop_extra_steps: int = 0  # ...and the steps still taken after it is passed
+    threads: int | None = None  # torch CPU threads (None = torch default)
+
+
+@dataclass
+class EvalSection:
+    enabled: bool = True
+    every: int = 0  # evaluate every N steps during training (0 = before and after only)
+    generate: bool = True
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    n_harmful: int = 16
+    n_normal: int = 16
+    n_xstest: int = 16
+    judge: str = "builtin"  # builtin | none | path to an HF sequence-classification model
+    judge_harmful_labels: list = field(default_factory=list)
+    samples: int = 4
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    out: str | None = None
+    save_model: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "data", "loss", "train", "eval")
+
+
+def _all_keys() -> dict[str, tuple[str | None, str]]:
+    """Dotted key -> (section or None, field)."""
+    keys: dict[str, tuple[str | None, str]] = {}
+    cfg = RunConfig()
+    for f in dataclasses.fields(cfg):
+        if f.name in SECTIONS:
+            for sub in dataclasses.fields(getattr(cfg, f.name)):
+                keys[f"{f.name}.{sub.name}"] = (f.name, sub.name)
+        else:
+            keys[f.name] = (None, f.name)
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    keys = list(_all_keys())
+    leaves = [k.split(".")[-1] for k in keys]
+    close = difflib.get_close_matches(key, keys, n=1) or \
+        [keys[leaves.index(m)] for m in difflib.get_close_matches(key.split(".")[-1], leaves, n=1)]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _resolve_key(key: str) -> tuple[str | None, str]:
+    keys = _all_keys()
+    if key in keys:
+        return keys[key]
+    matches = [v for k, v in keys.items() if k.split(".")[-1] == key]
+    if len(matches) == 1:  # a unique leaf name is accepted on its own (lr=1e-5)
+        return matches[0]
+    if len(matches) > 1:
+        names = ", ".join(f"{s}.{n}" for s, n in matches)
+        raise ConfigError(f"config key {key!r} is ambiguous: use one of {names}")
+    raise _unknown(key)
+
+
+def _field_type(section: str | None, name: str):
+    owner = RunConfig if section is None else type(getattr(RunConfig(), section))
+    hints = typing.get_type_hints(owner)
+    return hints[name]
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the field type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else \
+                [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"config key {key!r} expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key!r} expects an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def set_value(cfg: RunConfig, key: str, value: Any) -> None:
+    section, name = _resolve_key(key)
+    dotted = name if section is None else f"{section}.{name}"
+    coerced = _coerce(value, _field_type(section, name), dotted)
+    setattr(cfg if section is None else getattr(cfg, section), name, coerced)
+
+
+def _apply_mapping(cfg: RunConfig, data: dict, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section {key!r} must be a mapping")
+            for sub, v in value.items():
+                if f"{key}.{sub}" not in _all_keys():
+                    raise _unknown(f"{key}.{sub}")
+                set_value(cfg, f"{key}.{sub}", v)
+        else:
+            set_value(cfg, key, value)
+
+
+def bundled_config_names() -> list[str]:
+    root = resources.files("fastunlearn.configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(path_or_name: str) -> tuple[dict, str]:
+    path = Path(path_or_name)
+    if not path.exists() and path_or_name in bundled_config_names():
+        text = (resources.files("fastunlearn.configs") / f"{path_or_name}.yaml").read_text()
+        return yaml.safe_load(text) or {}, f"bundled config {path_or_name!r}"
+    if not path.exists():
+        names = ", ".join(bundled_config_names())
+        raise ConfigError(f"config file {path_or_name} not found (bundled configs: {names})")
+    try:
+        return yaml.safe_load(path.read_text()) or {}, str(path)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(config: str | None = "default", overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file (path or bundled name) <- ``key=value`` overrides."""
+    cfg = RunConfig()
+    if config:
+        data, source = read_yaml(config)
+        _apply_mapping(cfg, data, source)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value.strip())
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    t, d, lo = cfg.train, cfg.data, cfg.loss
+    checks = [
+        (t.steps >= 1, "train.steps must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+         "train.device must be auto, cpu or cuda[:N]"),
+        (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
+        (d.kl_tokens in ("answer", "all"), "data.kl_tokens must be 'answer' or 'all'"),
+        (d.max_length >= 8, "data.max_length must be >= 8"),
+        (d.n_heldout >= 1, "data.n_heldout must be >= 1"),
+        (min(lo.eps_forget, lo.eps_mismatch, lo.eps_normal) >= 0,
+         "loss coefficients must be >= 0 (the ascent sign is built in)"),
+        (cfg.eval.every >= 0, "eval.every must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def describe_options() -> str:
+    """Every key with its default, for ``--help``."""
+    lines = []
+    for key, (section, name) in _all_keys().items():
+        owner = RunConfig() if section is None else getattr(RunConfig(), section)
+        lines.append(f"  {key} = {getattr(owner, name)!r}")
+    return "\n".join(lines)

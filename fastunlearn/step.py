@@ -1,0 +1,113 @@
+"""The loss of one micro-batch: one policy trunk pass, the reference on normal rows only.
+
+Labels are shifted here (hidden position t predicts token t+1). Rows whose shifted label is
+ignored are dropped on the host side before anything touches the head, so the loss backends only
+ever see valid rows and need no host synchronisation to find them.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .batching import Batch
+from .losses import KIND_NORMAL, LossOutput, unlearn_loss
+from .losses.types import IGNORE_INDEX
+from .models import head_of, trunk_of
+
+
+@dataclass
+class LossWeights:
+    eps_forget: float
+    eps_mismatch: float
+    eps_normal: float
+
+
+def valid_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat hidden-row indices, shifted labels and kinds of every valid position (CPU tensors)."""
+    r, t = batch.input_ids.shape
+    shifted = batch.labels[:, 1:]
+    rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+    flat = rows * t + cols  # hidden row (b, t) predicts label (b, t + 1)
+    return flat, shifted[rows, cols], batch.kind[rows]
+
+
+def kind_counts(batch: Batch) -> list[int]:
+    _, _, kinds = valid_positions(batch)
+    return [int((kinds == k).sum()) for k in range(3)]
+
+
+class ReferenceRunner:
+    """Runs the frozen reference's trunk on the normal rows of a batch.
+
+    ``reference`` is a separate frozen model, or None with ``adapters_off=True`` for a LoRA
+    policy (the same weights with the adapters disabled: no second copy in memory).
+    """
+
+    def __init__(self, policy: nn.Module, reference: nn.Module | None):
+        self.policy = policy
+        self.reference = reference
+        self.adapters_off = reference is None and hasattr(policy, "disable_adapter")
+        if reference is None and not self.adapters_off:
+            raise ValueError("a reference model is needed unless the policy has LoRA adapters")
+
+    def _model(self):
+        return self.policy if self.adapters_off else self.reference
+
+    def head(self):
+        return head_of(self._model())
+
+    @torch.no_grad()
+    def hidden(self, input_ids, attention_mask, autocast) -> torch.Tensor:
+        ctx = self.policy.disable_adapter() if self.adapters_off else contextlib.nullcontext()
+        with ctx, autocast():
+            out = trunk_of(self._model())(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+
+def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weights: LossWeights,
+                     *, device: torch.device, compute_dtype: torch.dtype, backend: str = "auto",
+                     chunk_rows: int | None = None, reduction: str = "mean") -> LossOutput:
+    """Loss of one concatenated batch (differentiable w.r.t. the policy)."""
+    if compute_dtype == torch.float32:
+        autocast = contextlib.nullcontext
+    else:
+        def autocast():
+            return torch.autocast(device.type, dtype=compute_dtype)
+    flat, labels, kinds = valid_positions(batch)
+    input_ids = batch.input_ids.to(device, non_blocking=True)
+    mask = batch.attention_mask.to(device, non_blocking=True)
+    t = input_ids.shape[1]
+
+    with autocast():
+        hidden = trunk_of(policy)(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    h_dim = hidden.shape[-1]
+    hidden = hidden.reshape(-1, h_dim).to(compute_dtype)[flat.to(device)]
+
+    # Reference hidden states for the normal rows only, placed at their compacted positions.
+    ref_hidden = None
+    normal_rows = (batch.kind == KIND_NORMAL).nonzero().squeeze(1)
+    is_normal = kinds == KIND_NORMAL
+    if weights.eps_normal != 0 and normal_rows.numel() and bool(is_normal.any()):
+        first, last = int(normal_rows[0]), int(normal_rows[-1]) + 1
+        assert last - first == normal_rows.numel(), "normal rows must be contiguous"
+        ref_h = ref.hidden(input_ids[first:last], mask[first:last], autocast)
+        ref_h = ref_h.reshape(-1, h_dim).to(compute_dtype)
+        ref_hidden = torch.zeros_like(hidden)
+        sel = is_normal.nonzero().squeeze(1)
+        ref_hidden[sel.to(device)] = ref_h[(flat[sel] - first * t).to(device)]
+
+    head = head_of(policy)
+    ref_head = ref.head()
+    weight = head.weight.to(compute_dtype)
+    ref_weight = weight.detach() if ref_head.weight is head.weight \
+        else ref_head.weight.to(compute_dtype)
+    bias = None if head.bias is None else head.bias.to(compute_dtype)
+    ref_bias = None if ref_head.bias is None else ref_head.bias.to(compute_dtype)
+    return unlearn_loss(hidden, weight, labels.to(device), kinds.to(device), ref_hidden,
+                        ref_weight, eps_forget=weights.eps_forget,
+                        eps_mismatch=weights.eps_mismatch, eps_normal=weights.eps_normal,
+                        bias=bias, ref_bias=ref_bias, softcap=head.softcap, reduction=reduction,
+                        backend=backend, chunk_rows=chunk_rows)

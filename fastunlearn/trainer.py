@@ -1,0 +1,299 @@
+"""The unlearning loop: setup / train_step / evaluate / save, in one explicit class.
+
+    trainer = Trainer(cfg, out_dir)
+    summary = trainer.run()      # setup, eval before, steps, eval after, save, report
+
+Gradient accumulation is exact by token counts: every micro-batch uses ``reduction="sum"`` with
+each coefficient divided by that kind's valid-token count over the whole accumulated step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .batching import UnlearnBatcher
+from .config import RunConfig
+from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
+from .models import frozen_copy, load_model_and_tokenizer, parse_dtype, save_model
+from .step import LossWeights, ReferenceRunner, kind_counts, micro_batch_loss
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def linear_schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+class Trainer:
+    """Holds the models, data and optimiser of one unlearning run."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path | None = None, *, model=None, tokenizer=None,
+                 recipe=None, progress: bool = True):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.progress = progress
+        self._model, self._tokenizer, self._recipe = model, tokenizer, recipe
+        self.step = 0
+        self.metrics_rows: list[dict] = []
+        self.evals: list[dict] = []
+        self.train_seconds = 0.0
+        self.train_tokens = 0
+        self.stop_reason: str | None = None
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from .inputs import load_training_data, tokenize_all
+
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = pick_device(cfg.train.device)
+        self.compute_dtype = pick_compute_dtype(cfg.train.precision, self.device)
+        # Resolve the backend now so an unavailable explicit choice fails before any work.
+        self.backend = resolve_backend(cfg.loss.backend, self.device.type).name
+
+        if self._model is None:
+            self.policy, self.tokenizer = load_model_and_tokenizer(
+                cfg.model.name, dtype=cfg.model.dtype, device=self.device,
+                attn_implementation=cfg.model.attn_implementation)
+        else:
+            self.policy, self.tokenizer = self._model.to(self.device), self._tokenizer
+        from .data import ensure_pad_token
+        ensure_pad_token(self.tokenizer)
+
+        self.recipe = self._recipe or load_training_data(cfg.data)
+        rows = tokenize_all(self.tokenizer, self.recipe, cfg.data)
+        vocab = self.policy.get_output_embeddings().weight.shape[0]
+        max_id = max(max(r.input_ids) for rs in rows for r in rs)
+        if max_id >= vocab:
+            raise ValueError(f"tokenizer produces id {max_id} but the model's vocabulary is {vocab}")
+        self.rows_by_kind = rows
+        self.batcher = UnlearnBatcher(rows, cfg.train.batch_size, self.tokenizer.pad_token_id,
+                                      cfg.train.seed, bucket=cfg.train.bucket_by_length)
+
+        if cfg.model.lora:
+            self.policy = self._wrap_lora(self.policy)
+            self.reference = None  # adapters disabled serve as the reference
+        else:
+            ref_dtype = None if cfg.model.reference_dtype == "auto" else \
+                parse_dtype(cfg.model.reference_dtype)
+            self.reference = frozen_copy(self.policy, ref_dtype)
+        self.ref_runner = ReferenceRunner(self.policy, self.reference)
+        if cfg.model.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+            if hasattr(self.policy, "enable_input_require_grads"):
+                self.policy.enable_input_require_grads()
+        self.policy.train()
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay,
+                                           fused=self.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_schedule(cfg.train.warmup_steps, cfg.train.steps))
+        self.evaluator = self._make_evaluator()
+
+    def _wrap_lora(self, model):
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ValueError("model.lora=true needs the peft package: pip install peft") from None
+        m = self.cfg.model
+        lcfg = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                          target_modules=list(m.lora_targets), task_type="CAUSAL_LM")
+        return get_peft_model(model, lcfg)
+
+    def _make_evaluator(self):
+        if not self.cfg.eval.enabled:
+            return None
+        from .eval import EvalConfig, Evaluator
+
+        e = self.cfg.eval
+        ecfg = EvalConfig(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                          n_harmful=e.n_harmful, n_normal=e.n_normal, n_xstest=e.n_xstest,
+                          judge=e.judge, judge_harmful_labels=list(e.judge_harmful_labels),
+                          samples=e.samples, generate=e.generate,
+                          max_length=self.cfg.data.max_length)
+        reference = self.reference if self.reference is not None else \
+            AdapterDisabled(self.policy)
+        return Evaluator(self.tokenizer, self.recipe, ecfg, reference_model=reference,
+                         progress=self.progress)
+
+    # ------------------------------------------------------------ train step
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        start = time.perf_counter()
+        batches = [self.batcher.next() for _ in range(cfg.train.grad_accum)]
+        totals = [sum(c) for c in zip(*(kind_counts(b) for b in batches))]
+        # eps / total tokens of the kind over the accumulated step: exact accumulation.
+        weights = LossWeights(cfg.loss.eps_forget / max(totals[KIND_FORGET], 1),
+                              cfg.loss.eps_mismatch / max(totals[KIND_MISMATCH], 1),
+                              cfg.loss.eps_normal / max(totals[KIND_NORMAL], 1))
+        sums = torch.zeros(4)
+        for batch in batches:
+            out = micro_batch_loss(self.policy, self.ref_runner, batch, weights,
+                                   device=self.device, compute_dtype=self.compute_dtype,
+                                   backend=self.backend, chunk_rows=cfg.loss.chunk_rows,
+                                   reduction="sum")
+            out.loss.backward()
+            sums += torch.stack([out.loss.detach().float().cpu(),
+                                 out.forget_nll.detach().float().cpu(),
+                                 out.mismatch_nll.detach().float().cpu(),
+                                 out.normal_kl.detach().float().cpu()])
+        grad_norm = None
+        if cfg.train.max_grad_norm:
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        real = sum(b.real_tokens for b in batches)
+        padded = sum(b.padded_tokens for b in batches)
+        self.step += 1
+        self.train_seconds += seconds
+        self.train_tokens += real
+        row = {
+            "step": self.step,
+            "loss": float(sums[0]),
+            "forget_nll": float(sums[1]) / max(totals[KIND_FORGET], 1),
+            "mismatch_nll": float(sums[2]) / max(totals[KIND_MISMATCH], 1),
+            "normal_kl": float(sums[3]) / max(totals[KIND_NORMAL], 1),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": real,
+            "real_token_fraction": real / max(padded, 1),
+            "step_seconds": seconds,
+            "tokens_per_s": real / seconds,
+        }
+        if not all(math.isfinite(row[k]) for k in ("loss", "forget_nll", "normal_kl")):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {row}")
+        self.metrics_rows.append(row)
+        return row
+
+    # --------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict | None:
+        if self.evaluator is None:
+            return None
+        metrics = self.evaluator.run(self.policy, self.step)
+        self.evals.append({"step": self.step, **metrics})
+        self.policy.train()
+        return metrics
+
+    # ------------------------------------------------------------------ save
+    def save(self, out_dir: Path) -> None:
+        save_model(self.policy, self.tokenizer, out_dir / "model",
+                   merge_lora=self.cfg.model.lora_merge_on_save)
+
+    # ------------------------------------------------------------------- run
+    def run(self, work_dir: Path | None = None) -> dict:
+        """Train and evaluate; write metrics, model and report into ``work_dir``."""
+        cfg = self.cfg
+        wall = time.perf_counter()
+        self.setup()
+        work_dir = Path(work_dir or self.out_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        before = self.evaluate()
+        stop_at = None
+        bar = tqdm(total=cfg.train.steps, desc="unlearning", disable=not self.progress,
+                   dynamic_ncols=True)
+        with open(work_dir / "metrics.jsonl", "w") as log:
+            while self.step < cfg.train.steps:
+                row = self.train_step()
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", forget=f"{row['forget_nll']:.2f}",
+                                mismatch=f"{row['mismatch_nll']:.2f}",
+                                kl=f"{row['normal_kl']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if cfg.eval.every and self.step % cfg.eval.every == 0 \
+                        and self.step < cfg.train.steps:
+                    self.evaluate()
+                threshold = cfg.train.stop_forget_nll
+                if threshold is not None and stop_at is None and row["forget_nll"] >= threshold:
+                    stop_at = self.step + cfg.train.stop_extra_steps
+                if stop_at is not None and self.step >= stop_at:
+                    self.stop_reason = (f"forget NLL passed {threshold} at step "
+                                        f"{stop_at - cfg.train.stop_extra_steps}; stopped "
+                                        f"{cfg.train.stop_extra_steps} steps later")
+                    break
+        bar.close()
+        after = self.evaluate()
+        if cfg.save_model:
+            self.save(work_dir)
+        summary = {
+            "steps": self.step,
+            "wall_seconds": time.perf_counter() - wall,
+            "train_seconds": self.train_seconds,
+            "backend": self.backend,
+            "device": str(self.device),
+            "tokens_per_second": self.train_tokens / max(self.train_seconds, 1e-9),
+            "stopped_early": self.stop_reason or False,
+            "model": cfg.model.name,
+            "recipe": getattr(self.recipe, "name", cfg.data.recipe),
+            "rows": {"forget": len(self.rows_by_kind[KIND_FORGET]),
+                     "mismatch": len(self.rows_by_kind[KIND_MISMATCH]),
+                     "normal": len(self.rows_by_kind[KIND_NORMAL])},
+            "config": cfg.to_dict(),
+            "before": before or {},
+            "after": after or {},
+            "evals": self.evals,
+        }
+        from .report import write_report
+        write_report(work_dir, summary, self.metrics_rows)
+        return summary
+
+
+class AdapterDisabled(torch.nn.Module):
+    """A LoRA policy seen with its adapters off: the original model, without a second copy."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.inner = peft_model
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self.inner.disable_adapter():
+            return self.inner(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        with self.inner.disable_adapter():
+            return self.inner.generate(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
