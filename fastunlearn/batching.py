@@ -20,6 +20,7 @@ class Batch:
     attention_mask: torch.Tensor  # (R, T) long
     labels: torch.Tensor  # (R, T) long, unshifted, IGNORE_INDEX on prompt / padding
     kind: torch.Tensor  # (R,) long
+    row_index: torch.Tensor  # (R,) long: index of each row within its kind's row list
     real_tokens: int  # non-pad tokens
     padded_tokens: int  # R * T
 
@@ -59,7 +60,7 @@ class KindSampler:
         return self.queue.pop()
 
 
-def collate_rows(rows, pad_id: int) -> Batch:
+def collate_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch:
     """Right-pad rows (objects with input_ids, labels, kind) into one Batch."""
     t = max(len(r.input_ids) for r in rows)
     n = len(rows)
@@ -72,7 +73,8 @@ def collate_rows(rows, pad_id: int) -> Batch:
         labels[i, :k] = torch.tensor(r.labels)
         mask[i, :k] = 1
     kind = torch.tensor([r.kind for r in rows], dtype=torch.long)
-    return Batch(input_ids, mask, labels, kind, int(mask.sum()), n * t)
+    index = torch.tensor(row_index if row_index is not None else [-1] * n, dtype=torch.long)
+    return Batch(input_ids, mask, labels, kind, index, int(mask.sum()), n * t)
 
 
 class UnlearnBatcher:
@@ -86,5 +88,6 @@ class UnlearnBatcher:
                          for k, rows in enumerate(rows_by_kind)]
 
     def next(self) -> Batch:
-        rows = [self.rows_by_kind[k][i] for k, s in enumerate(self.samplers) for i in s.next()]
-        return collate_rows(rows, self.pad_id)
+        picks = [(k, i) for k, s in enumerate(self.samplers) for i in s.next()]
+        rows = [self.rows_by_kind[k][i] for k, i in picks]
+        return collate_rows(rows, self.pad_id, [i for _, i in picks])
