@@ -22,6 +22,7 @@ class ModelSection:
     name: str = "smollm2"  # "smollm2", an HF directory, a .gguf file or a hub id
     dtype: str = "auto"  # policy weights; auto = float32 master weights
     reference_dtype: str = "auto"  # auto = same as the policy; bfloat16 halves its memory
+    reference_name: str | None = None  # a different reference model (default: the policy's copy)
     attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on CUDA, else sdpa
     gradient_checkpointing: bool = False
     lora: bool = False  # train LoRA adapters; the reference is the model with adapters disabled

@@ -105,7 +105,7 @@ class Trainer:
         else:
             ref_dtype = None if cfg.model.reference_dtype == "auto" else \
                 parse_dtype(cfg.model.reference_dtype)
-            self.reference = frozen_copy(self.policy, ref_dtype)
+            self.reference = self._load_reference(ref_dtype)
         self.ref_runner = ReferenceRunner(self.policy, self.reference)
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
@@ -119,6 +119,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_schedule(cfg.train.warmup_steps, cfg.train.steps))
         self.evaluator = self._make_evaluator()
+
+    def _load_reference(self, ref_dtype):
+        name = self.cfg.model.reference_name
+        if not name:
+            return frozen_copy(self.policy, ref_dtype)
+        ref, _ = load_model_and_tokenizer(name, dtype=self.cfg.model.dtype, device=self.device,
+                                          attn_implementation=self.cfg.model.attn_implementation)
+        v_ref = ref.get_output_embeddings().weight.shape[0]
+        v_pol = self.policy.get_output_embeddings().weight.shape[0]
+        if v_ref != v_pol:
+            raise ValueError(f"reference model {name} has vocabulary {v_ref}, the policy has "
+                             f"{v_pol}: they must match")
+        return frozen_copy(ref, ref_dtype)
 
     def _wrap_lora(self, model):
         try:
