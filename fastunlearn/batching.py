@@ -36,7 +36,8 @@ class KindSampler:
                  window: int = 32):
         if not lengths:
             raise ValueError("cannot sample from an empty row set")
-        self.lengths, self.batch_size, self.bucket, self.window = lengths, batch_size, bucket, window
+        self.lengths, self.batch_size = lengths, batch_size
+        self.bucket, self.window = bucket, window
         self.rng = random.Random(seed)
         self.queue: list[list[int]] = []
 

@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import UnlearnBatcher
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
-from .models import frozen_copy, load_model_and_tokenizer, parse_dtype, save_model
+from .models import ModelError, frozen_copy, load_model_and_tokenizer, parse_dtype, save_model
 from .step import LossWeights, ReferenceRunner, kind_counts, micro_batch_loss
 
 
@@ -28,7 +28,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
+        raise ConfigError("train.device=cuda but no CUDA device is available")
     return torch.device(name)
 
 
@@ -94,7 +94,8 @@ class Trainer:
         vocab = self.policy.get_output_embeddings().weight.shape[0]
         max_id = max(max(r.input_ids) for rs in rows for r in rs)
         if max_id >= vocab:
-            raise ValueError(f"tokenizer produces id {max_id} but the model's vocabulary is {vocab}")
+            raise ModelError(f"tokenizer produces id {max_id} but the model's vocabulary "
+                             f"is {vocab}")
         self.rows_by_kind = rows
         self.batcher = UnlearnBatcher(rows, cfg.train.batch_size, self.tokenizer.pad_token_id,
                                       cfg.train.seed, bucket=cfg.train.bucket_by_length)
@@ -129,7 +130,7 @@ class Trainer:
         v_ref = ref.get_output_embeddings().weight.shape[0]
         v_pol = self.policy.get_output_embeddings().weight.shape[0]
         if v_ref != v_pol:
-            raise ValueError(f"reference model {name} has vocabulary {v_ref}, the policy has "
+            raise ModelError(f"reference model {name} has vocabulary {v_ref}, the policy has "
                              f"{v_pol}: they must match")
         return frozen_copy(ref, ref_dtype)
 
@@ -137,7 +138,7 @@ class Trainer:
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
-            raise ValueError("model.lora=true needs the peft package: pip install peft") from None
+            raise ConfigError("model.lora=true needs the peft package: pip install peft") from None
         m = self.cfg.model
         lcfg = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                           target_modules=list(m.lora_targets), task_type="CAUSAL_LM")
