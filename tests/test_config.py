@@ -1,0 +1,49 @@
+import pytest
+
+from fastunlearn.config import ConfigError, load_config
+
+
+def test_bundled_default_and_overrides():
+    cfg = load_config("default", ["train.lr=1e-5", "steps=7", "eval.every=2", "data.n_forget=none",
+                                  "model.lora_targets=q_proj,v_proj", "save_model=false"])
+    assert cfg.model.name == "smollm2" and cfg.data.recipe == "harmful"
+    assert cfg.train.lr == 1e-5 and cfg.train.steps == 7 and cfg.eval.every == 2
+    assert cfg.data.n_forget is None
+    assert cfg.model.lora_targets == ["q_proj", "v_proj"]
+    assert cfg.save_model is False
+
+
+def test_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 3\n  lr: 1.0e-4\nloss:\n  eps_normal: 2\n")
+    cfg = load_config(str(p))
+    assert cfg.train.steps == 3 and cfg.loss.eps_normal == 2.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "did you mean 'train.lr'"),
+    ("stepz=3", "did you mean 'train.steps'"),
+    ("train.steps=abc", "expects an integer"),
+    ("train.steps=2.5", "expects an integer"),
+    ("train.lr=fast", "expects a number"),
+    ("model.lora=maybe", "expects true/false"),
+    ("seed=1", "ambiguous"),
+    ("train.steps", "key=value"),
+    ("train.steps=0", "train.steps must be >= 1"),
+    ("loss.eps_forget=-1", "coefficients must be >= 0"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("default", [override])
+
+
+def test_bad_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  stepss: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    p.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(p))
