@@ -1,0 +1,339 @@
+"""Launchers of the fused unlearning loss and of the token-stats primitive (no autograd).
+
+Structure (DESIGN.md "budget arithmetic"): rows are sorted on the device by
+(valid, kind) so that ignored rows sit at the end and the normal rows form one contiguous block;
+valid rows are processed in chunks of ``chunk_rows``:
+
+    1. z   = h_c W^T          cuBLAS, input dtype, into a reused (C, V) workspace
+    2. zr  = hr_c Wr^T        cuBLAS, only for the chunk's rows that have a reference
+    3. row kernel             ``unlearn_rows_fwd``: per-row nll / kl, dlogits written over z
+    4. dX_c = dz W            cuBLAS
+    5. dW  += dz^T h_c        cuBLAS accumulating into one fp32 (V, H) buffer (out_dtype=fp32
+                              when the installed torch supports it, else bounded slices)
+    6. db  += sum_rows dz     fp32
+
+FLOP floor with N valid rows, N_ref reference rows: 2NHV (z) + 2NHV (dX) + 2NHV (dW)
++ 2 N_ref HV (zr). Bytes beyond the GEMMs: the row kernel's ~(3 C + 2 C_ref) V elements per
+chunk (see unlearn_rows.py). Workspace: (C + C) x V elements of the input dtype, set by
+``chunk_rows`` or FASTUNLEARN_TRITON_WORKSPACE_MB.
+
+Host synchronisation: cuBLAS needs the number of valid rows (and of rows with a reference) as
+host integers. Three ways to get them, in this order:
+    * ``num_rows=(n_forget, n_mismatch, n_normal)`` given by the caller (the trainer knows
+      them from its host-side batch): no synchronisation at all;
+    * ``sync=True`` (default): one ``.tolist()`` of a 3-element count tensor per call;
+    * ``sync=False`` (or FASTUNLEARN_TRITON_SYNC=0): no synchronisation; every row goes through
+      the GEMMs (ignored rows get zero gradients) and the reference GEMM runs on all rows.
+Counts, means and coefficients always stay on the device.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .unlearn_rows import unlearn_rows_fwd
+
+KIND_IGNORED = 3
+_MAX_CHUNK = 4096
+_DW_SLICE = 8192  # rows of V per slice in the fallback dW path (bounds its temporary)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def default_chunk_rows(vocab: int, elem_size: int, device_type: str) -> int:
+    """Rows per chunk so that the policy and reference logit workspaces fit the budget."""
+    default_mb = 1024 if device_type == "cuda" else 64
+    mb = int(os.environ.get("FASTUNLEARN_TRITON_WORKSPACE_MB", default_mb))
+    rows = (mb * 2**20) // (2 * max(vocab, 1) * elem_size)
+    if rows >= 256:
+        rows = rows // 128 * 128  # GEMM-friendly multiples
+    return int(max(16, min(_MAX_CHUNK, rows)))
+
+
+def _block_v_from_env() -> int | None:
+    v = os.environ.get("FASTUNLEARN_TRITON_BLOCK_V")
+    return int(v) if v else None
+
+
+def _sync_default() -> bool:
+    return os.environ.get("FASTUNLEARN_TRITON_SYNC", "1") not in ("0", "false", "False")
+
+
+_ADDMM_F32_OK: dict[str, str] = {}
+
+
+def _probe_addmm_f32(device: torch.device) -> str:
+    """Which way of doing fp32 += bf16^T @ bf16 works on this torch / device (cached):
+    'addmm' (aten::addmm.dtype_out in place, torch >= 2.8 style), 'mm' (mm.dtype) or 'cast'."""
+    key = str(device)
+    if key in _ADDMM_F32_OK:
+        return _ADDMM_F32_OK[key]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 40, generator=g).to(device=device, dtype=torch.bfloat16)
+    b = torch.randn(64, 24, generator=g).to(device=device, dtype=torch.bfloat16)
+    c0 = torch.randn(40, 24, generator=g).to(device)
+    want = c0 + a.float().T @ b.float()
+    mode = "cast"
+    try:
+        c = c0.clone()
+        torch.ops.aten.addmm.dtype_out(c, a.T, b, torch.float32, out=c)
+        if torch.allclose(c, want, rtol=1e-3, atol=1e-3):
+            mode = "addmm"
+    except Exception:
+        pass
+    if mode == "cast":
+        try:
+            c = c0 + torch.ops.aten.mm.dtype(a.T, b, torch.float32)
+            if torch.allclose(c, want, rtol=1e-3, atol=1e-3):
+                mode = "mm"
+        except Exception:
+            pass
+    _ADDMM_F32_OK[key] = mode
+    return mode
+
+
+def accumulate_dw(dw32: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """dw32 (V, H) fp32 += g^T (V, C) @ h (C, H), with fp32 accumulation and no (V, H)
+    temporary in the low-precision dtype when the installed torch allows it."""
+    if g.dtype == torch.float32 and h.dtype == torch.float32:
+        dw32.addmm_(g.T, h)
+        return
+    mode = _probe_addmm_f32(dw32.device)
+    if mode == "addmm":
+        torch.ops.aten.addmm.dtype_out(dw32, g.T, h, torch.float32, out=dw32)
+        return
+    for v0 in range(0, dw32.shape[0], _DW_SLICE):  # bounded temporaries
+        gs = g[:, v0:v0 + _DW_SLICE].T
+        if mode == "mm":
+            dw32[v0:v0 + _DW_SLICE] += torch.ops.aten.mm.dtype(gs, h, torch.float32)
+        else:
+            dw32[v0:v0 + _DW_SLICE] += (gs @ h).float()
+
+
+def _check_dtypes(hidden, weight):
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"triton backend: {name} must be fp32, bf16 or fp16, got {t.dtype}")
+
+
+# ----------------------------------------------------------------------------- chunk loop
+
+def _chunk_loop(hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, b_s, *,
+                ref_start, ref_rowmask, bias, ref_bias, softcap, write_grad, chunk_rows,
+                want_ref_nll=False):
+    """Run steps 1-6 over sorted rows perm[:n_rows].
+
+    ref_start (host int): rows perm[ref_start:n_rows] have a reference; or ref_start None and
+    ref_rowmask (n_rows,) bool on the device (no-sync mode: reference GEMM on whole chunks).
+    Returns row_nll, row_kl, row_ref_nll (n_rows,) fp32 and, with write_grad, dx_sorted
+    (n_rows, H) in the GEMM dtype, dw32 (V, H) fp32 and db32 (V,) fp32 or None.
+    """
+    dev = hidden.device
+    vocab, h_dim = weight.shape
+    wdt = weight.dtype
+    has_ref = ref_hidden is not None
+    rw = (weight if ref_weight is None else ref_weight).detach()
+    chunk = chunk_rows or default_chunk_rows(vocab, weight.element_size(), dev.type)
+    chunk = max(1, min(chunk, max(n_rows, 1)))
+    block_v = _block_v_from_env()
+
+    row_nll = torch.zeros(n_rows, device=dev, dtype=torch.float32)
+    row_kl = torch.zeros(n_rows, device=dev, dtype=torch.float32)
+    row_ref_nll = torch.zeros(n_rows, device=dev, dtype=torch.float32) if want_ref_nll else None
+    dx_s = dw32 = db32 = None
+    if write_grad:
+        dx_s = torch.empty(n_rows, h_dim, device=dev, dtype=wdt)
+        dw32 = torch.zeros(vocab, h_dim, device=dev, dtype=torch.float32)
+        db32 = torch.zeros(vocab, device=dev, dtype=torch.float32) if bias is not None else None
+    if n_rows == 0:
+        return row_nll, row_kl, row_ref_nll, dx_s, dw32, db32
+
+    z_buf = torch.empty(chunk, vocab, device=dev, dtype=wdt)
+    zr_buf = torch.empty(chunk, vocab, device=dev, dtype=rw.dtype) if has_ref else None
+    ar = torch.arange(chunk, device=dev, dtype=torch.int32)
+    with torch.no_grad():
+        for s in range(0, n_rows, chunk):
+            e = min(s + chunk, n_rows)
+            c = e - s
+            rows = perm[s:e]
+            h = hidden.index_select(0, rows).to(wdt)
+            z = z_buf[:c]
+            torch.mm(h, weight.detach().T, out=z)  # 1. policy logits
+            zr = ref_idx = None
+            if has_ref:  # 2. reference logits for the rows that have one
+                lo = s if ref_start is None else max(s, ref_start)
+                if lo < e:
+                    rh = ref_hidden.index_select(0, perm[lo:e]).to(rw.dtype)
+                    zr = zr_buf[:e - lo]
+                    torch.mm(rh, rw.T, out=zr)
+                    if ref_start is None:
+                        ref_idx = torch.where(ref_rowmask[s:e], ar[:c], -1).to(torch.int32)
+                    else:
+                        ref_idx = (ar[:c] - (lo - s)).clamp_(min=-1)
+            nll, kl, ref_nll = unlearn_rows_fwd(  # 3. row statistics and dlogits in place
+                z, y_s[s:e], zr, ref_idx, a_s[s:e] if a_s is not None else None,
+                b_s[s:e] if b_s is not None else None, bias=bias, ref_bias=ref_bias,
+                softcap=softcap, write_grad=write_grad, block_v=block_v)
+            row_nll[s:e] = nll
+            row_kl[s:e] = kl
+            if want_ref_nll:
+                row_ref_nll[s:e] = ref_nll
+            if write_grad:
+                torch.mm(z, weight.detach(), out=dx_s[s:e])  # 4. dX
+                accumulate_dw(dw32, z, h)  # 5. dW (fp32)
+                if db32 is not None:
+                    db32 += z.sum(0, dtype=torch.float32)  # 6. db
+    return row_nll, row_kl, row_ref_nll, dx_s, dw32, db32
+
+
+def _host_or_padded(counts: torch.Tensor, num_rows, sync: bool | None):
+    """(host counts list or None). None means no-sync padded mode."""
+    if num_rows is not None:
+        return [int(n) for n in num_rows]
+    if sync is None:
+        sync = _sync_default()
+    if sync:
+        return counts.tolist()  # the one host synchronisation (documented above)
+    return None
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def unlearn_loss_fwd(hidden, weight, labels, kind, ref_hidden=None, ref_weight=None, *,
+                     eps_forget, eps_mismatch, eps_normal, bias=None, ref_bias=None,
+                     softcap=None, reduction="mean", ignore_index=-100, chunk_rows=None,
+                     num_rows=None, sync=None):
+    """The whole unlearning loss and its gradients for grad_output = 1.
+
+    Args:
+        hidden: (BT, H) fp32/bf16/fp16, any strides. weight: (V, H) same dtype family.
+        labels: (BT,) int; kind: (BT,) int (0 forget, 1 mismatch, 2 normal).
+        ref_hidden: (BT, H) or None; ref_weight: (V, H) or None (= weight).
+        bias, ref_bias: (V,) or None. softcap: float or None.
+        num_rows: optional host ints (n_forget, n_mismatch, n_normal) of valid rows: removes
+            the host synchronisation. sync: see the module docstring.
+
+    Returns:
+        loss () fp32, terms (3,) fp32 [forget_nll, mismatch_nll, normal_kl], counts (3,) int64,
+        d_hidden (BT, H) hidden dtype, d_weight (V, H) fp32, d_bias (V,) fp32 or None.
+        Sign convention: loss = -eps_forget * forget + eps_mismatch * mismatch
+        + eps_normal * kl (ascent on forget rows comes from the sign, in the forward).
+    """
+    _check_dtypes(hidden, weight)
+    dev = hidden.device
+    bt, h_dim = hidden.shape
+    has_ref = ref_hidden is not None
+    labels = labels.long()
+    kind = kind.long()
+    # key: 0 forget, 1 mismatch, 2 normal (with a reference), 3 ignored
+    valid = (labels != ignore_index) & (kind >= 0) & (kind <= (2 if has_ref else 1))
+    key = torch.where(valid, kind, KIND_IGNORED)
+    counts4 = (key[None, :] == torch.arange(4, device=dev)[:, None]).sum(1)
+    counts = counts4[:3]
+    perm = torch.argsort(key, stable=True)
+    key_s = key[perm]
+    y_s = torch.where(key_s == KIND_IGNORED, 0, labels[perm])
+
+    sign4 = torch.tensor([-eps_forget, eps_mismatch, eps_normal, 0.0], device=dev,
+                         dtype=torch.float32)
+    scale4 = sign4 / counts4.clamp(min=1).float() if reduction == "mean" else sign4
+    a4 = scale4 * torch.tensor([1.0, 1.0, 0.0, 0.0], device=dev)
+    b4 = scale4 * torch.tensor([0.0, 0.0, 1.0, 0.0], device=dev)
+    a_s, b_s = a4[key_s], b4[key_s]
+
+    host = _host_or_padded(counts, num_rows, sync)
+    if host is None:  # no sync: all rows through the GEMMs, ignored ones with zero weight
+        n_rows, ref_start, ref_rowmask = bt, None, key_s == 2
+    else:
+        n_rows = host[0] + host[1] + (host[2] if has_ref else 0)
+        ref_start, ref_rowmask = host[0] + host[1], None
+
+    row_nll, row_kl, _, dx_s, dw32, db32 = _chunk_loop(
+        hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, b_s,
+        ref_start=ref_start, ref_rowmask=ref_rowmask, bias=bias, ref_bias=ref_bias,
+        softcap=softcap, write_grad=True, chunk_rows=chunk_rows)
+
+    k = key_s[:n_rows]
+    zero = torch.zeros((), device=dev, dtype=torch.float32)
+    sums = torch.stack([torch.where(k == 0, row_nll, zero).sum(),
+                        torch.where(k == 1, row_nll, zero).sum(),
+                        torch.where(k == 2, row_kl, zero).sum()])
+    terms = sums / counts.clamp(min=1).float() if reduction == "mean" else sums
+    loss = (sign4[:3] * terms).sum()
+    d_hidden = torch.zeros(bt, h_dim, device=dev, dtype=hidden.dtype)
+    if n_rows:
+        d_hidden.index_copy_(0, perm[:n_rows], dx_s.to(hidden.dtype))
+    return loss, terms, counts, d_hidden, dw32, db32
+
+
+# ----------------------------------------------------------------------------- token stats
+
+def _token_plan(hidden, labels, ignore_index, num_valid, sync):
+    valid = labels.long() != ignore_index
+    key = (~valid).long()
+    perm = torch.argsort(key, stable=True)
+    n_valid_dev = valid.sum().reshape(1)
+    host = _host_or_padded(n_valid_dev, None if num_valid is None else (num_valid,), sync)
+    key_s = key[perm]
+    y_s = torch.where(key_s == 1, 0, labels.long()[perm])
+    if host is None:
+        return perm, hidden.shape[0], y_s, None, key_s == 0
+    return perm, int(host[0]), y_s, 0, None
+
+
+def token_stats_fwd(hidden, weight, labels, ref_hidden=None, ref_weight=None, *, bias=None,
+                    ref_bias=None, softcap=None, ignore_index=-100, chunk_rows=None,
+                    num_valid=None, sync=None):
+    """Per-token (logp, logp_ref, kl), each (BT,) fp32; 0 on ignored rows (and for logp_ref,
+    kl without a reference). kl = KL(p_ref || p_cur). No gradients (see token_stats_bwd)."""
+    _check_dtypes(hidden, weight)
+    bt = hidden.shape[0]
+    dev = hidden.device
+    perm, n_rows, y_s, ref_start, ref_rowmask = _token_plan(hidden, labels, ignore_index,
+                                                             num_valid, sync)
+    row_nll, row_kl, row_ref_nll, *_ = _chunk_loop(
+        hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, None, None,
+        ref_start=ref_start, ref_rowmask=ref_rowmask, bias=bias, ref_bias=ref_bias,
+        softcap=softcap, write_grad=False, chunk_rows=chunk_rows, want_ref_nll=True)
+    valid_s = (labels.long()[perm[:n_rows]] != ignore_index)
+    zero = torch.zeros((), device=dev, dtype=torch.float32)
+    logp = torch.zeros(bt, device=dev, dtype=torch.float32)
+    logp_ref = torch.zeros(bt, device=dev, dtype=torch.float32)
+    kl = torch.zeros(bt, device=dev, dtype=torch.float32)
+    idx = perm[:n_rows]
+    logp.index_copy_(0, idx, torch.where(valid_s, -row_nll, zero))
+    if ref_hidden is not None:
+        logp_ref.index_copy_(0, idx, torch.where(valid_s, -row_ref_nll, zero))
+        kl.index_copy_(0, idx, torch.where(valid_s, row_kl, zero))
+    return logp, logp_ref, kl
+
+
+def token_stats_bwd(grad_logp, grad_kl, hidden, weight, labels, ref_hidden=None,
+                    ref_weight=None, *, bias=None, ref_bias=None, softcap=None,
+                    ignore_index=-100, chunk_rows=None, num_valid=None, sync=None):
+    """Recompute backward of token_stats_fwd for per-token upstream gradients.
+
+    grad_logp, grad_kl: (BT,) (any float dtype) or None. Returns d_hidden (BT, H) hidden
+    dtype, d_weight (V, H) fp32, d_bias (V,) fp32 or None. d logp / dz = onehot - p and
+    d kl / dz = p - q, so the row kernel runs with a = -grad_logp, b = grad_kl.
+    """
+    _check_dtypes(hidden, weight)
+    bt, h_dim = hidden.shape
+    dev = hidden.device
+    perm, n_rows, y_s, ref_start, ref_rowmask = _token_plan(hidden, labels, ignore_index,
+                                                             num_valid, sync)
+    valid_s = (labels.long()[perm] != ignore_index)
+    gl = (torch.zeros(bt, device=dev) if grad_logp is None else grad_logp.float())[perm]
+    gk = (torch.zeros(bt, device=dev) if grad_kl is None or ref_hidden is None
+          else grad_kl.float())[perm]
+    a_s = torch.where(valid_s, -gl, 0.0).contiguous()
+    b_s = torch.where(valid_s, gk, 0.0).contiguous()
+    _, _, _, dx_s, dw32, db32 = _chunk_loop(
+        hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, b_s,
+        ref_start=ref_start, ref_rowmask=ref_rowmask, bias=bias, ref_bias=ref_bias,
+        softcap=softcap, write_grad=True, chunk_rows=chunk_rows)
+    d_hidden = torch.zeros(bt, h_dim, device=dev, dtype=hidden.dtype)
+    if n_rows:
+        d_hidden.index_copy_(0, perm[:n_rows], dx_s.to(hidden.dtype))
+    return d_hidden, dw32, db32
