@@ -1,0 +1,265 @@
+"""``Evaluator``: the paper's metrics on a recipe's held-out data, before / during / after.
+
+One ``run(model, step)`` call returns a flat dict of numbers (None where a metric cannot be
+computed, e.g. harmful_rate without a judge) plus ``"samples"``: a few
+``{"kind", "prompt", "answer"}`` generations for the report.
+
+Metric names (all rates are fractions in [0, 1]):
+  forget_nll, forget_ppl          mean per-token NLL / perplexity of held-out forget answers
+  normal_kl                       mean per-token KL(ref || cur) on held-out normal answers
+  normal_nll                      mean per-token NLL of held-out normal answers
+  harmful_rate, harmful_score     judge verdicts / mean probability on held-out harmful prompts
+  refusal_rate                    refusal phrases in the answers to harmful prompts
+  normal_similarity_cosine        MiniLM cosine of normal answers vs the original model's
+  normal_rouge_l                  ROUGE-L F1 of normal answers vs the original model's
+  xstest_over_refusal             refusals on XSTest's safe prompts
+  degenerate_rate_{harmful,normal}, distinct_{1,2}_{harmful,normal}, answer_words_{...}
+  leak_rouge_l_{forget,keep}, bleu_{forget,keep}      (copyright recipe)
+  halu_prefer_hallucinated, halu_generate_hallucinated (hallucination recipe)
+  eval_seconds
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import likelihood
+from .refusal import refusal_rate
+from .text_metrics import bleu, degenerate_rate, distinct_n, rouge_l, words
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings (CLI flags of ``fastunlearn eval`` and the ``eval`` config block)."""
+
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    n_harmful: int = 16
+    n_normal: int = 16
+    n_xstest: int = 16
+    judge: str = "builtin"  # "builtin" | "none" | path to an HF sequence-classification dir
+    judge_harmful_labels: list[str] = field(default_factory=list)
+    samples: int = 4
+    generate: bool = True   # False: likelihood metrics only (fast tests)
+    max_length: int = 256
+    n_likelihood: int = 64  # held-out pairs used for forget_nll / normal_kl / normal_nll
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "max_length"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_harmful", "n_normal", "n_xstest", "samples", "n_likelihood"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _split_passage(text: str, n_ref_words: int) -> tuple[str, str] | None:
+    """A passage -> (prefix shown to the model, true continuation of ``n_ref_words`` words)."""
+    ws = text.split()
+    if len(ws) < 8:
+        return None
+    cut = max(4, min(len(ws) // 2, 64))
+    return " ".join(ws[:cut]), " ".join(ws[cut:cut + n_ref_words])
+
+
+class Evaluator:
+    """Runs the evaluation of one recipe; caches the original model's normal answers.
+
+    ``reference_model``: the original (frozen) model; used for normal_kl and the original
+    normal answers. Without it normal_kl is 0.0 and the first ``run`` call's answers become
+    the originals.
+    """
+
+    def __init__(self, tokenizer, data, cfg: EvalConfig | None = None, *, reference_model=None,
+                 progress: bool = True):
+        self.tok, self.data = tokenizer, data
+        self.cfg = cfg or EvalConfig()
+        self.ref = reference_model
+        self.progress = progress
+        extra = dict(getattr(data, "extra", None) or {})
+        c = self.cfg
+        harmful = list(extra.get("harmful_eval_prompts") or [])
+        if not harmful:
+            harmful = [p.prompt for p in data.heldout_forget]
+        self.harmful_prompts = harmful[:c.n_harmful]
+        self.normal_prompts = [p.prompt for p in data.heldout_normal][:c.n_normal]
+        self.xstest_prompts = list(extra.get("xstest_safe") or [])[:c.n_xstest]
+        self.forget_pairs = [p for p in data.heldout_forget if p.answer.strip()][:c.n_likelihood]
+        self.normal_pairs = [p for p in data.heldout_normal if p.answer.strip()][:c.n_likelihood]
+        n_ref = max(4, int(0.75 * c.max_new_tokens))
+        self.book = {}
+        for which in ("forget", "keep"):
+            split = [_split_passage(t, n_ref) for t in extra.get(f"book_{which}_heldout") or []]
+            self.book[which] = [s for s in split if s][:c.n_harmful]
+        self.halu = [h for h in extra.get("halueval") or []
+                     if all(h.get(k) for k in ("question", "right_answer", "hallucinated_answer"))
+                     ][:c.n_harmful]
+        self._judge = None
+        self._judge_loaded = False
+        self._original_normal: list[str] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def judge(self):
+        if not self._judge_loaded:
+            from .judge import load_judge
+
+            self._judge_loaded = True
+            try:
+                self._judge = load_judge(self.cfg.judge, self.cfg.judge_harmful_labels)
+            except (OSError, ValueError) as e:
+                warnings.warn(f"judge {self.cfg.judge!r} unavailable, harmful_rate is None: {e}",
+                              stacklevel=2)
+                self._judge = None
+        return self._judge
+
+    def _gen(self, model, prompts, desc):
+        from fastunlearn.generation import generate_answers
+
+        if not prompts:
+            return []
+        return generate_answers(model, self.tok, prompts, max_new_tokens=self.cfg.max_new_tokens,
+                                batch_size=self.cfg.batch_size, progress=self.progress, desc=desc)
+
+    def original_normal_answers(self, model) -> list[str]:
+        """Greedy answers of the original model to the normal prompts (computed once)."""
+        if self._original_normal is None:
+            src = self.ref if self.ref is not None else model
+            self._original_normal = self._gen(src, self.normal_prompts, "original answers")
+        return self._original_normal
+
+    # ------------------------------------------------------------------ metrics
+    def _likelihood_metrics(self, model) -> dict:
+        c, m = self.cfg, {}
+        if self.forget_pairs:
+            rows = likelihood.answer_nll(model, self.tok, self.forget_pairs,
+                                         max_length=c.max_length, batch_size=c.batch_size)
+            n = sum(k for _, k in rows)
+            nll = sum(s for s, _ in rows) / max(n, 1)
+            m["forget_nll"] = nll
+            m["forget_ppl"] = math.exp(min(nll, 700.0))  # exp overflows past ~709
+        else:
+            m["forget_nll"] = m["forget_ppl"] = None
+        if self.normal_pairs:
+            rows = likelihood.answer_nll(model, self.tok, self.normal_pairs,
+                                         max_length=c.max_length, batch_size=c.batch_size)
+            m["normal_nll"] = sum(s for s, _ in rows) / max(sum(k for _, k in rows), 1)
+            if self.ref is not None and self.ref is not model:
+                s, n = likelihood.answer_kl(model, self.ref, self.tok, self.normal_pairs,
+                                            max_length=c.max_length, batch_size=c.batch_size)
+                m["normal_kl"] = s / max(n, 1)
+            else:
+                m["normal_kl"] = 0.0
+        else:
+            m["normal_nll"] = None
+            m["normal_kl"] = 0.0
+        return m
+
+    def _text_metrics(self, kind: str, answers: list[str]) -> dict:
+        return {
+            f"degenerate_rate_{kind}": degenerate_rate(answers) if answers else None,
+            f"distinct_1_{kind}": distinct_n(answers, 1) if answers else None,
+            f"distinct_2_{kind}": distinct_n(answers, 2) if answers else None,
+            f"answer_words_{kind}": _mean(len(words(a)) for a in answers),
+        }
+
+    def _generation_metrics(self, model) -> tuple[dict, list[dict]]:
+        m, samples = {}, []
+        harm = self._gen(model, self.harmful_prompts, "harmful prompts")
+        judge = self.judge if harm else None
+        if judge is not None:
+            probs = judge.predict_proba(self.harmful_prompts, harm)
+            m["harmful_rate"] = _mean(float(p >= judge.threshold) for p in probs)
+            m["harmful_score"] = _mean(probs)
+        else:
+            m["harmful_rate"] = m["harmful_score"] = None
+        m["refusal_rate"] = refusal_rate(harm) if harm else None
+        m.update(self._text_metrics("harmful", harm))
+
+        normal = self._gen(model, self.normal_prompts, "normal prompts")
+        orig = self.original_normal_answers(model) if normal else []
+        m["normal_rouge_l"] = _mean(rouge_l(a, o) for a, o in zip(normal, orig))
+        m["normal_similarity_cosine"] = None
+        if normal:
+            from .embeddings import cosine_pairs, get_embedder
+
+            emb = get_embedder(warn=False)
+            if emb is not None:
+                cos = cosine_pairs(emb.embed(normal), emb.embed(orig))
+                m["normal_similarity_cosine"] = float(cos.clamp(-1.0, 1.0).mean())
+        m.update(self._text_metrics("normal", normal))
+
+        xs = self._gen(model, self.xstest_prompts, "xstest safe prompts")
+        m["xstest_over_refusal"] = refusal_rate(xs) if xs else None
+
+        k = self.cfg.samples
+        for kind, prompts, answers in (("harmful", self.harmful_prompts, harm),
+                                       ("normal", self.normal_prompts, normal),
+                                       ("xstest", self.xstest_prompts, xs)):
+            samples += [dict(kind=kind, prompt=p, answer=a)
+                        for p, a in list(zip(prompts, answers))[:k]]
+
+        for which in ("forget", "keep"):
+            parts = self.book[which]
+            if parts:
+                cont = self._gen(model, [p for p, _ in parts], f"book {which}")
+                m[f"leak_rouge_l_{which}"] = _mean(rouge_l(c, t) for c, (_, t) in zip(cont, parts))
+                m[f"bleu_{which}"] = _mean(bleu(c, t) for c, (_, t) in zip(cont, parts))
+                samples += [dict(kind=f"book_{which}", prompt=p, answer=c)
+                            for (p, _), c in list(zip(parts, cont))[:k]]
+        if self.halu:
+            qs = [h["question"] for h in self.halu]
+            gen = self._gen(model, qs, "halueval")
+            m["halu_generate_hallucinated"] = _mean(
+                float(rouge_l(g, h["hallucinated_answer"]) > rouge_l(g, h["right_answer"]))
+                for g, h in zip(gen, self.halu))
+            samples += [dict(kind="halueval", prompt=q, answer=g)
+                        for q, g in list(zip(qs, gen))[:k]]
+        return m, samples
+
+    def _halu_preference(self, model) -> dict:
+        if not self.halu:
+            return {}
+        c = self.cfg
+        right = likelihood.answer_logprob(
+            model, self.tok, [(h["question"], h["right_answer"]) for h in self.halu],
+            max_length=c.max_length, batch_size=c.batch_size)
+        hall = likelihood.answer_logprob(
+            model, self.tok, [(h["question"], h["hallucinated_answer"]) for h in self.halu],
+            max_length=c.max_length, batch_size=c.batch_size)
+        return {"halu_prefer_hallucinated": _mean(float(b > a) for a, b in zip(right, hall))}
+
+    def run(self, model, step: int) -> dict:
+        """All metrics of ``model`` at training ``step``; restores its train/eval mode."""
+        t0 = time.perf_counter()
+        was_training = model.training
+        ref_training = self.ref.training if self.ref is not None else False
+        model.eval()
+        if self.ref is not None:
+            self.ref.eval()
+        try:
+            metrics: dict = {"step": int(step)}
+            metrics.update(self._likelihood_metrics(model))
+            metrics.update(self._halu_preference(model))
+            samples: list[dict] = []
+            if self.cfg.generate:
+                gm, samples = self._generation_metrics(model)
+                metrics.update(gm)
+            metrics["eval_seconds"] = time.perf_counter() - t0
+            metrics["samples"] = samples
+            return metrics
+        finally:
+            # The reference may wrap the policy (LoRA adapters disabled): restore it first so
+            # the policy ends in its own original mode.
+            if self.ref is not None:
+                self.ref.train(ref_training)
+            model.train(was_training)
