@@ -235,11 +235,14 @@ def unlearn_loss_fwd(hidden, weight, labels, kind, ref_hidden=None, ref_weight=N
     key_s = key[perm]
     y_s = torch.where(key_s == KIND_IGNORED, 0, labels[perm])
 
-    sign4 = torch.tensor([-eps_forget, eps_mismatch, eps_normal, 0.0], device=dev,
-                         dtype=torch.float32)
+    # built with fill_ (a kernel argument), not torch.tensor(list): an H2D copy would sync
+    sign4 = torch.zeros(4, device=dev, dtype=torch.float32)
+    for i, eps in enumerate((-eps_forget, eps_mismatch, eps_normal)):
+        sign4[i].fill_(float(eps))
     scale4 = sign4 / counts4.clamp(min=1).float() if reduction == "mean" else sign4
-    a4 = scale4 * torch.tensor([1.0, 1.0, 0.0, 0.0], device=dev)
-    b4 = scale4 * torch.tensor([0.0, 0.0, 1.0, 0.0], device=dev)
+    idx4 = torch.arange(4, device=dev)
+    a4 = torch.where(idx4 < 2, scale4, 0.0)  # NLL coefficient: forget, mismatch
+    b4 = torch.where(idx4 == 2, scale4, 0.0)  # KL coefficient: normal
     a_s, b_s = a4[key_s], b4[key_s]
 
     host = _host_or_padded(counts, num_rows, sync)

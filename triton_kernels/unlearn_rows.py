@@ -36,6 +36,31 @@ import torch
 import triton
 import triton.language as tl
 
+from ._variants import load_variant
+
+
+# tl.max / tl.sum are themselves @triton.jit functions of Triton's standard library, fixed
+# at Triton's import time in compiled or interpreted form; tl.reduce with our own combine
+# functions works in both kernel variants (see _variants.py).
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
+@triton.jit
+def _rmax(x):
+    return tl.reduce(x, 0, _max_combine)
+
+
+@triton.jit
+def _rsum(x):
+    return tl.reduce(x, 0, _sum_combine)
+
 
 @triton.jit
 def _tanh(x):
@@ -53,8 +78,9 @@ def _tanh(x):
 @triton.jit
 def _load_logits(ptr, bias_ptr, cols, mask, softcap, HAS_BIAS: tl.constexpr,
                  SOFTCAP: tl.constexpr):
-    """Load a tile of logits as fp32 (masked lanes -inf), add the bias and apply the cap.
-    Returns (z, t) with t = tanh(z_raw / c) (or z when not capped, unused then)."""
+    """Load a tile of logits as fp32 (masked lanes 0: finite, so differences stay NaN-free),
+    add the bias and apply the cap. Returns (z, t) with t = tanh(z_raw / c) (or z when not
+    capped, unused then)."""
     z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -62,7 +88,6 @@ def _load_logits(ptr, bias_ptr, cols, mask, softcap, HAS_BIAS: tl.constexpr,
     if SOFTCAP:
         t = _tanh(z / softcap)
         z = softcap * t
-    z = tl.where(mask, z, float("-inf"))
     return z, t
 
 
@@ -107,18 +132,20 @@ def _unlearn_rows_fwd_kernel(
         cols = start + cols0
         mask = cols < V
         z, _t = _load_logits(z_row, bias_ptr, cols, mask, softcap, HAS_BIAS, SOFTCAP)
-        m_new = tl.maximum(m, tl.max(z, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        zm = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, _rmax(zm))
+        s = s * tl.exp(m - m_new) + _rsum(tl.exp(zm - m_new))
         m = m_new
         if HAS_REF:
             if has_ref:
                 zr, _tr = _load_logits(zr_row, ref_bias_ptr, cols, mask, softcap,
                                        HAS_REF_BIAS, SOFTCAP)
-                mr_new = tl.maximum(m_r, tl.max(zr, 0))
+                zrm = tl.where(mask, zr, float("-inf"))
+                mr_new = tl.maximum(m_r, _rmax(zrm))
                 alpha = tl.exp(m_r - mr_new)
-                er = tl.exp(zr - mr_new)
-                s_r = s_r * alpha + tl.sum(er, 0)
-                t_r = t_r * alpha + tl.sum(tl.where(mask, er * (zr - z), 0.0), 0)
+                er = tl.exp(zrm - mr_new)  # 0 on masked lanes, where zr - z = 0 - 0
+                s_r = s_r * alpha + _rsum(er)
+                t_r = t_r * alpha + _rsum(er * (zr - z))
                 m_r = mr_new
     lse = m + tl.log(s)
     tl.store(nll_ptr + row, lse - z_y)
@@ -220,7 +247,9 @@ def unlearn_rows_fwd(
     bv = _block_v(vocab, block_v)
     if num_warps is None:
         num_warps = 8 if bv >= 2048 else 4
-    _unlearn_rows_fwd_kernel[(rows,)](
+    # CPU tensors run through the interpreter copy, CUDA tensors through the compiled one
+    kernel = load_variant(__file__, interpret=dev.type == "cpu")._unlearn_rows_fwd_kernel
+    kernel[(rows,)](
         logits, logits.stride(0), zr, zr.stride(0),
         ref_index if has_ref else dummy, labels,
         coef_nll if coef_nll is not None else dummy,
