@@ -23,6 +23,11 @@ class ModelSection:
     dtype: str = "auto"  # policy weights; auto = float32 master weights
     reference_dtype: str = "auto"  # auto = same as the policy; bfloat16 halves its memory
     reference_name: str | None = None  # a different reference model (default: the policy's copy)
+    # How the reference runs: auto (adapters with LoRA, else copy) | copy (frozen model in memory)
+    # | adapters (LoRA policy, adapters disabled) | cached (hidden states of the normal rows
+    # computed once, stored on disk, the reference model freed; see reference_cache.py)
+    reference: str = "auto"
+    reference_cache_dir: str | None = None  # cached: where to keep it (default: <out>/refcache)
     attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on CUDA, else sdpa
     gradient_checkpointing: bool = False
     lora: bool = False  # train LoRA adapters; the reference is the model with adapters disabled
@@ -268,6 +273,10 @@ def validate(cfg: RunConfig) -> None:
          "train.device must be auto, cpu or cuda[:N]"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
         (d.kl_tokens in ("answer", "all"), "data.kl_tokens must be 'answer' or 'all'"),
+        (cfg.model.reference in ("auto", "copy", "adapters", "cached"),
+         "model.reference must be auto, copy, adapters or cached"),
+        (cfg.model.reference != "adapters" or cfg.model.lora,
+         "model.reference=adapters needs model.lora=true"),
         (d.max_length >= 8, "data.max_length must be >= 8"),
         (d.n_heldout >= 1, "data.n_heldout must be >= 1"),
         (min(lo.eps_forget, lo.eps_mismatch, lo.eps_normal) >= 0,

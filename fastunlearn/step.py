@@ -44,20 +44,29 @@ class ReferenceRunner:
 
     ``reference`` is a separate frozen model, or None with ``adapters_off=True`` for a LoRA
     policy (the same weights with the adapters disabled: no second copy in memory).
+    With ``cache`` (a ``reference_cache.ReferenceCache`` of the normal rows) no reference model
+    runs at all: hidden states are read by ``Batch.row_index`` and the head comes from the cache.
     """
 
-    def __init__(self, policy: nn.Module, reference: nn.Module | None):
+    def __init__(self, policy: nn.Module, reference: nn.Module | None, cache=None):
         self.policy = policy
         self.reference = reference
+        self.cache = cache
         self.adapters_off = reference is None and hasattr(policy, "disable_adapter")
-        if reference is None and not self.adapters_off:
+        if reference is None and not self.adapters_off and cache is None:
             raise ValueError("a reference model is needed unless the policy has LoRA adapters")
 
     def _model(self):
         return self.policy if self.adapters_off else self.reference
 
     def head(self):
+        if self.cache is not None:
+            return self.cache.head(head_of(self.policy).weight.device)
         return head_of(self._model())
+
+    def cached_hidden(self, row_index: torch.Tensor) -> torch.Tensor:
+        """(valid normal positions of these rows, H) from the cache, CPU, storage dtype."""
+        return self.cache.gather(row_index)
 
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask, autocast) -> torch.Tensor:
@@ -90,7 +99,17 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
     ref_hidden = None
     normal_rows = (batch.kind == KIND_NORMAL).nonzero().squeeze(1)
     is_normal = kinds == KIND_NORMAL
-    if weights.eps_normal != 0 and normal_rows.numel() and bool(is_normal.any()):
+    if weights.eps_normal != 0 and normal_rows.numel() and bool(is_normal.any()) \
+            and ref.cache is not None:
+        # Cached reference: rows in batch order, valid positions in column order == sel's order.
+        sel = is_normal.nonzero().squeeze(1)
+        ref_h = ref.cached_hidden(batch.row_index[normal_rows])
+        if ref_h.shape[0] != sel.numel():
+            raise ValueError("reference cache does not match the batch's normal rows "
+                             "(normal set or tokenisation changed): rebuild the cache")
+        ref_hidden = torch.zeros_like(hidden)
+        ref_hidden[sel.to(device)] = ref_h.to(device, non_blocking=True).to(compute_dtype)
+    elif weights.eps_normal != 0 and normal_rows.numel() and bool(is_normal.any()):
         first, last = int(normal_rows[0]), int(normal_rows[-1]) + 1
         assert last - first == normal_rows.numel(), "normal rows must be contiguous"
         ref_h = ref.hidden(input_ids[first:last], mask[first:last], autocast)

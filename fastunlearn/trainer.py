@@ -100,14 +100,21 @@ class Trainer:
         self.batcher = UnlearnBatcher(rows, cfg.train.batch_size, self.tokenizer.pad_token_id,
                                       cfg.train.seed, bucket=cfg.train.bucket_by_length)
 
+        ref_dtype = None if cfg.model.reference_dtype == "auto" else \
+            parse_dtype(cfg.model.reference_dtype)
+        cached = cfg.model.reference == "cached"
         if cfg.model.lora:
             self.policy = self._wrap_lora(self.policy)
             self.reference = None  # adapters disabled serve as the reference
+        elif cached and not cfg.model.reference_name:
+            self.reference = None  # before step 1 the policy is the reference: no copy needed
         else:
-            ref_dtype = None if cfg.model.reference_dtype == "auto" else \
-                parse_dtype(cfg.model.reference_dtype)
             self.reference = self._load_reference(ref_dtype)
-        self.ref_runner = ReferenceRunner(self.policy, self.reference)
+        self.ref_cache = None
+        if cached:
+            self.ref_cache = self._build_reference_cache(ref_dtype)
+            self.reference = None  # freed: training reads the cache only
+        self.ref_runner = ReferenceRunner(self.policy, self.reference, cache=self.ref_cache)
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             if hasattr(self.policy, "enable_input_require_grads"):
@@ -120,6 +127,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_schedule(cfg.train.warmup_steps, cfg.train.steps))
         self.evaluator = self._make_evaluator()
+
+    def _build_reference_cache(self, ref_dtype):
+        """Reference hidden states of every normal row, loaded from or written to the cache dir."""
+        from .reference_cache import load_or_build_cache
+
+        ref = self.reference if self.reference is not None else \
+            (None if self.cfg.model.lora else self.policy)
+        builder = ReferenceRunner(self.policy, ref)
+        cache_dir = self.cfg.model.reference_cache_dir or \
+            (self.out_dir / "refcache" if self.out_dir else None)
+        return load_or_build_cache(builder, self.rows_by_kind[KIND_NORMAL], cache_dir,
+                                   device=self.device, compute_dtype=self.compute_dtype,
+                                   storage_dtype=ref_dtype, pad_id=self.tokenizer.pad_token_id)
 
     def _load_reference(self, ref_dtype):
         name = self.cfg.model.reference_name
@@ -155,8 +175,9 @@ class Trainer:
                           judge=e.judge, judge_harmful_labels=list(e.judge_harmful_labels),
                           samples=e.samples, generate=e.generate,
                           max_length=self.cfg.data.max_length)
+        # A cached reference has no model left: the evaluator then runs without one.
         reference = self.reference if self.reference is not None else \
-            AdapterDisabled(self.policy)
+            (AdapterDisabled(self.policy) if self.cfg.model.lora else None)
         return Evaluator(self.tokenizer, self.recipe, ecfg, reference_model=reference,
                          progress=self.progress)
 
