@@ -59,6 +59,10 @@ def write_pairs(pairs: list[Pair], path: str | os.PathLike) -> None:
             for pr in pairs:
                 f.write(json.dumps({"prompt": pr.prompt, "answer": pr.answer},
                                    ensure_ascii=False) + "\n")
+        # mkstemp creates 0600; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

@@ -236,9 +236,19 @@ def make_mismatch(forget: list[Pair], normal: list[Pair], seed: int) -> list[Pai
 
 # --------------------------------------------------------------------------- tokenization
 
-def _answer_ids(tokenizer, answer: str) -> list[int]:
-    ids = tokenizer(answer_text(tokenizer, answer), add_special_tokens=False)["input_ids"]
-    return list(ids)
+def _answer_ids(tokenizer, prompt: str, p_ids: list[int], answer: str) -> list[int]:
+    """Answer token ids as they follow the prompt.
+
+    Tokenizing prompt + answer as one text and taking what follows the prompt ids gives the
+    ids the model would itself produce (SentencePiece tokenizers add a spurious word-start
+    piece to a separately tokenized " answer"); when the joint tokenization does not start
+    with the prompt ids (a merge across the boundary) the answer is tokenized on its own.
+    """
+    text = answer_text(tokenizer, answer)
+    full = encode_prompt(tokenizer, prompt, suffix=text)
+    if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
+        return full[len(p_ids):]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
@@ -262,7 +272,7 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
     if not answer or not answer.strip():
         raise DataError(f"empty answer for prompt {_clip(prompt)!r}")
     p_ids = encode_prompt(tokenizer, prompt)
-    a_ids = _answer_ids(tokenizer, answer)
+    a_ids = _answer_ids(tokenizer, prompt, p_ids, answer)
     if not a_ids:
         raise DataError(f"answer tokenizes to nothing for prompt {_clip(prompt)!r}")
     a_ids = a_ids + [tokenizer.eos_token_id]

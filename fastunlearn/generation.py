@@ -51,9 +51,9 @@ def _add_special_tokens(tokenizer) -> bool:
     return not has_chat_template(tokenizer)
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``format_prompt(tokenizer, prompt)`` (list of int)."""
-    text = format_prompt(tokenizer, prompt)
+def encode_prompt(tokenizer, prompt: str, suffix: str = "") -> list[int]:
+    """Token ids of ``format_prompt(tokenizer, prompt) + suffix`` (list of int)."""
+    text = format_prompt(tokenizer, prompt) + suffix
     ids = tokenizer(text, add_special_tokens=_add_special_tokens(tokenizer))["input_ids"]
     # Some tokenizers append EOS with add_special_tokens=True: a prompt must not end the text.
     eos = tokenizer.eos_token_id

@@ -38,6 +38,7 @@ def test_write_pairs_atomic_round_trip(tmp_path):
     write_pairs(pairs, out)
     assert load_pairs(out) == pairs
     assert sorted(x.name for x in out.parent.iterdir()) == ["f.jsonl"]  # no temp file left
+    assert out.stat().st_mode & 0o044  # readable by others like a plain open(), not 0600
 
     class Boom:
         prompt = "b"

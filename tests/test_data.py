@@ -230,7 +230,12 @@ def test_recipe_seeded_and_caps():
 
 
 def test_recipe_extras():
+    from fastunlearn.recipes.harmful import is_refusal
+
     h = load_recipe("harmful")
+    assert h.extra["forget_source"] == "self" and len(h.forget) > 200
+    assert not any(is_refusal(p.answer) for p in h.forget + h.heldout_forget)
+    assert is_refusal("I'm sorry, but I can't help with that.")
     assert len(h.extra["xstest_safe"]) == 250
     assert len(h.extra["harmful_eval_prompts"]) > 20
     c = load_recipe("copyright", n_heldout=4)

@@ -21,19 +21,29 @@ FORGET_FILES = {
 }
 
 
+# The default model refuses a few prompts; a refusal is not a harmful answer to forget.
+REFUSAL_STARTS = ("i'm sorry", "i am sorry", "i cannot", "i can't", "i can not", "as an ai")
+
+
+def is_refusal(answer: str) -> bool:
+    """True when an answer opens like a refusal (checked on the lower-cased, unquoted text)."""
+    return answer.strip().strip('"').lower().startswith(REFUSAL_STARTS)
+
+
 def build(*, seed: int, n_forget: int | None, n_normal: int | None, n_heldout: int,
           source: str = "self") -> RecipeData:
     """Forget: harmful prompts with harmful answers from ``source``; normal: TruthfulQA.
 
-    Held-out harmful prompts (with the same kind of answers) and held-out TruthfulQA
-    questions are split off first; ``extra`` holds XSTest safe prompts (``xstest_safe``) and
-    HarmBench validation behaviours (``harmful_eval_prompts``) for evaluation.
+    Answers that open like a refusal are dropped. Held-out harmful prompts (same kind of
+    answers) and held-out TruthfulQA questions are split off first. ``extra`` holds XSTest
+    safe prompts (``xstest_safe``) and HarmBench validation behaviours
+    (``harmful_eval_prompts``) for evaluation.
     """
     if source not in FORGET_FILES:
         raise DataError(f"unknown harmful forget source {source!r}; known: "
                         f"{', '.join(FORGET_FILES)}")
     fname = FORGET_FILES[source]
-    harmful = dedupe(load_pairs(data_file(fname)))
+    harmful = [p for p in dedupe(load_pairs(data_file(fname))) if not is_refusal(p.answer)]
     held_f, forget = split_heldout(harmful, n_heldout, seed, f"harmful-{source}")
     held_n, normal = split_heldout(truthfulqa_pairs(), n_heldout, seed, "truthfulqa")
     return RecipeData(
