@@ -64,8 +64,11 @@ def _fmt(x) -> str:
 
 
 def _cell(text: str, limit: int = 280) -> str:
-    """Markdown table cell: one line, pipes escaped, clipped."""
-    s = " ".join(str(text).split())
+    """Markdown table cell: one line, pipes escaped, clipped; empty / blank text is named."""
+    raw = str(text)
+    if raw and not raw.strip():  # the collapse mode of gradient ascent: make it visible
+        return f"*(whitespace only, {len(raw)} chars)*"
+    s = " ".join(raw.split())
     if len(s) > limit:
         s = s[:limit - 1] + "…"
     s = s.replace("|", "\\|").replace("<", "&lt;")
@@ -203,7 +206,7 @@ def _plots(out_dir: Path, summary: dict, rows: list[dict]) -> list[str]:
     losses = [(k, [(k, *_series(rows, k))]) for k in LOSS_TERMS]
     if _save_panels(pdir / "losses.png", "loss terms per step", losses):
         made.append("plots/losses.png")
-    harm = [("rate (harmful prompts)", [(k, *_series(evals, k)) for k in HARM_KEYS]),
+    harm = [("rate", [(k, *_series(evals, k)) for k in HARM_KEYS]),
             ("normal similarity", [(k, *_series(evals, k)) for k in UTILITY_KEYS])]
     if _save_panels(pdir / "harm_utility.png", "harmfulness and utility vs step", harm):
         made.append("plots/harm_utility.png")

