@@ -116,18 +116,20 @@ def _unlearn_rows_fwd_kernel(
     if SOFTCAP:
         z_y = softcap * _tanh(z_y / softcap)
 
-    ref_row_idx = -1
-    if HAS_REF:
-        ref_row_idx = tl.load(ref_idx_ptr + row)
+    # ref_idx is always a real (C,) int32 tensor (all -1 without a reference)
+    ref_row_idx = tl.load(ref_idx_ptr + row)
     has_ref = ref_row_idx >= 0
     zr_row = zr_ptr + tl.maximum(ref_row_idx, 0).to(tl.int64) * zr_stride
 
-    # 2. pass 1: online max / sum for policy and reference, and the KL cross term
-    m = float("-inf")
-    s = 0.0
-    m_r = float("-inf")
-    s_r = 0.0
-    t_r = 0.0
+    # 2. pass 1: online max / sum for policy and reference, and the KL cross term.
+    # Scalars start as fp32 tensors, not Python floats: the compiler drops updates made
+    # inside a runtime `if` to variables that are still Python constants.
+    zero = row.to(tl.float32) * 0.0
+    m = zero - float("inf")
+    s = zero
+    m_r = zero - float("inf")
+    s_r = zero
+    t_r = zero
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = cols < V
@@ -149,7 +151,7 @@ def _unlearn_rows_fwd_kernel(
                 m_r = mr_new
     lse = m + tl.log(s)
     tl.store(nll_ptr + row, lse - z_y)
-    lse_r = 0.0
+    lse_r = zero
     if HAS_REF:
         if has_ref:
             lse_r = m_r + tl.log(s_r)
@@ -167,21 +169,21 @@ def _unlearn_rows_fwd_kernel(
     # 3. pass 2: gradient a (p - onehot) + b (p - q), times the cap derivative, in place
     if WRITE_GRAD:
         a = tl.load(a_ptr + row)
-        b = tl.load(b_ptr + row)
-        if not HAS_REF:
-            b = 0.0
+        b = zero
+        if HAS_REF:
+            b = tl.load(b_ptr + row)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
             z, t = _load_logits(z_row, bias_ptr, cols, mask, softcap, HAS_BIAS, SOFTCAP)
-            p = tl.exp(z - lse)
+            p = tl.exp(tl.minimum(z - lse, 0.0))  # <= 0 on real lanes; masked lanes stay finite
             g = a * (p - tl.where(cols == y, 1.0, 0.0)) + b * p
             if HAS_REF:
                 if has_ref:
                     zr, _tr = _load_logits(zr_row, ref_bias_ptr, cols, mask, softcap,
                                            HAS_REF_BIAS, SOFTCAP)
                     # b p - b q is exactly 0 when zr == z bit for bit (reference = policy)
-                    g = g - b * tl.exp(zr - lse_r)
+                    g = g - b * tl.exp(tl.minimum(zr - lse_r, 0.0))
             if SOFTCAP:
                 g = g * (1.0 - t * t)
             tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
@@ -251,7 +253,8 @@ def unlearn_rows_fwd(
     kernel = load_variant(__file__, interpret=dev.type == "cpu")._unlearn_rows_fwd_kernel
     kernel[(rows,)](
         logits, logits.stride(0), zr, zr.stride(0),
-        ref_index if has_ref else dummy, labels,
+        ref_index if has_ref else torch.full((rows,), -1, device=dev, dtype=torch.int32),
+        labels,
         coef_nll if coef_nll is not None else dummy,
         coef_kl if coef_kl is not None else dummy,
         bias if bias is not None else dummy, ref_bias if ref_bias is not None else dummy,

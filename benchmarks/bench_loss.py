@@ -1,0 +1,228 @@
+"""Benchmark of the fused unlearning loss: forward + backward, one third of rows per kind.
+
+Providers: naive (logits materialised, torch ops), compile (naive under torch.compile), liger
+(Liger-Kernel fused linear CE twice + fused linear JSD with beta 0; optional), the registered
+backends chunked / triton / cuda / cpp (via ``unlearn_loss(..., backend=name)``), and floor
+(the matrix products alone: policy logits, dX and dW on all rows, reference logits on the
+normal rows). JSON rows go to benchmarks/results/bench_loss_<device>.json and to $OUT.
+
+    python benchmarks/bench_loss.py                      # the issue's four shapes (GPU)
+    python benchmarks/bench_loss.py --quick              # fewer repetitions
+    python benchmarks/bench_loss.py --shapes 4096x2048x128256 --providers triton,floor
+On CPU it runs tiny shapes (a smoke test); set TRITON_INTERPRET=1 to include triton.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    device_name,
+    device_slug,
+    git_commit,
+    peak_gib_above,
+    print_table,
+    time_fn,
+    versions,
+    write_json,
+)
+
+from fastunlearn.losses import unlearn_loss  # noqa: E402
+from fastunlearn.losses.registry import get_backend  # noqa: E402
+
+GPU_SHAPES = ["8192x576x49152", "8192x2048x128256", "8192x4096x128256", "32768x4096x128256"]
+CPU_SHAPES = ["96x32x500", "192x64x1000"]
+ALL_PROVIDERS = ["naive", "compile", "liger", "chunked", "triton", "cuda", "cpp", "floor"]
+EPS = dict(eps_forget=0.5, eps_mismatch=1.0, eps_normal=1.0)
+
+
+def make_inputs(bt, h, v, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(bt, h, generator=g).to(device, dtype)
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype)
+    ref_hidden = (hidden.float().cpu() + 0.1 * torch.randn(bt, h, generator=g)).to(device, dtype)
+    ref_weight = weight + (0.01 / h**0.5) * torch.randn(v, h, generator=g).to(device, dtype)
+    labels = torch.randint(0, v, (bt,), generator=g).to(device)
+    kind = (torch.randperm(bt, generator=g) % 3).to(device)  # one third of each kind
+    return hidden, weight, labels, kind, ref_hidden, ref_weight
+
+
+def naive_loss(hidden, weight, labels, kind, ref_hidden, ref_weight):
+    """Logits materialised in the input dtype, softmax in fp32, plain torch ops."""
+    logp = F.log_softmax((hidden @ weight.T).float(), dim=-1)
+    nll = -logp.gather(1, labels[:, None]).squeeze(1)
+    with torch.no_grad():
+        logq = F.log_softmax((ref_hidden @ ref_weight.T).float(), dim=-1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)  # KL on every row, masked below (naive)
+    f, m, n = (kind == 0).float(), (kind == 1).float(), (kind == 2).float()
+    return (-EPS["eps_forget"] * (nll * f).sum() / f.sum().clamp(min=1)
+            + EPS["eps_mismatch"] * (nll * m).sum() / m.sum().clamp(min=1)
+            + EPS["eps_normal"] * (kl * n).sum() / n.sum().clamp(min=1))
+
+
+def liger_fn():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+    ce = LigerFusedLinearCrossEntropyLoss(reduction="mean")
+    jsd = LigerFusedLinearJSD(jsd_beta=0.0)
+
+    def run(hidden, weight, labels, kind, ref_hidden, ref_weight, idx):
+        fi, mi, ni = idx
+        return (-EPS["eps_forget"] * ce(weight, hidden[fi], labels[fi])
+                + EPS["eps_mismatch"] * ce(weight, hidden[mi], labels[mi])
+                + EPS["eps_normal"] * jsd(hidden[ni], weight, ref_hidden[ni], ref_weight))
+
+    return run
+
+
+def floor_fn(hidden, weight, ref_hidden, ref_weight, n_normal):
+    """The matrix products of the fused loss alone (gradients in the forward)."""
+    def run():
+        with torch.no_grad():
+            z = hidden @ weight.T
+            hidden_n = ref_hidden[:n_normal]
+            _zr = hidden_n @ ref_weight.T
+            _dx = z @ weight
+            _dw = z.T @ hidden
+    return run
+
+
+def provider_available(name, device):
+    if name in ("naive", "floor"):
+        return True, ""
+    if name == "compile":
+        return device.type == "cuda", "cuda only (inductor compile time on cpu)"
+    if name == "liger":
+        try:
+            import liger_kernel  # noqa: F401
+        except Exception:
+            return False, "liger_kernel not installed"
+        return device.type == "cuda", "cuda only"
+    be = get_backend(name)
+    if be is None:
+        return False, "backend not registered"
+    return be.available(device.type)
+
+
+def run_shape(shape, providers, dtype, device, args, meta):
+    bt, h, v = (int(x) for x in shape.split("x"))
+    hidden, weight, labels, kind, ref_hidden, ref_weight = make_inputs(bt, h, v, dtype, device)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    n_normal = int((kind == 2).sum())
+    idx = tuple((kind == k).nonzero().squeeze(1) for k in range(3))
+    rows, results = [], {}
+
+    def fwd_bwd(p):
+        if p == "naive":
+            return lambda: naive_loss(hidden, weight, labels, kind, ref_hidden,
+                                      ref_weight).backward()
+        if p == "compile":
+            c = torch.compile(naive_loss)
+            return lambda: c(hidden, weight, labels, kind, ref_hidden, ref_weight).backward()
+        if p == "liger":
+            fn = liger_fn()
+            return lambda: fn(hidden, weight, labels, kind, ref_hidden, ref_weight,
+                              idx).backward()
+        if p == "floor":
+            return floor_fn(hidden, weight, ref_hidden, ref_weight, n_normal)
+        return lambda: unlearn_loss(hidden, weight, labels, kind, ref_hidden, ref_weight,
+                                    backend=p, **EPS).loss.backward()
+
+    for p in providers:
+        row = {"shape": shape, "provider": p, "dtype": str(dtype).replace("torch.", ""),
+               **meta, "ms_p50": None, "ms_p20": None, "ms_p80": None, "peak_gib": None,
+               "floor_ms": None, "ratio_to_floor": None, "rel_err_vs_naive": None,
+               "backend": p if p not in ("naive", "compile", "liger", "floor") else None,
+               "error": None}
+        ok, why = provider_available(p, device)
+        if not ok:
+            row["error"] = f"skipped: {why}"
+            rows.append(row)
+            continue
+        try:
+            fn = fwd_bwd(p)
+            hidden.grad = weight.grad = None
+            fn()  # first call: compile / autotune, and the outputs for the error column
+            if p != "floor":
+                results[p] = (hidden.grad.float().clone(), weight.grad.float().clone())
+            hidden.grad = weight.grad = None
+            row["peak_gib"] = peak_gib_above(fn, device)
+            hidden.grad = weight.grad = None
+            p50, p20, p80 = time_fn(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                                    grad_to_none=[hidden, weight])
+            row.update(ms_p50=p50, ms_p20=p20, ms_p80=p80)
+        except Exception as exc:  # one provider failing must not stop the others
+            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            if args.verbose:
+                traceback.print_exc()
+        hidden.grad = weight.grad = None
+        rows.append(row)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    floor = next((r["ms_p50"] for r in rows if r["provider"] == "floor"), None)
+    naive = results.get("naive")
+    for r in rows:
+        r["floor_ms"] = floor
+        if floor and r["ms_p50"]:
+            r["ratio_to_floor"] = r["ms_p50"] / floor
+        got = results.get(r["provider"])
+        if naive is not None and got is not None:
+            errs = [float((a - b).norm() / b.norm().clamp(min=1e-30)) for a, b in zip(got, naive)]
+            r["rel_err_vs_naive"] = max(errs)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=None, help="comma list of BTxHxV")
+    ap.add_argument("--providers", default=",".join(ALL_PROVIDERS))
+    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--warmup-ms", type=float, default=None)
+    ap.add_argument("--rep-ms", type=float, default=None)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = (args.shapes.split(",") if args.shapes
+              else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args.warmup_ms = args.warmup_ms or (5 if args.quick else 25)
+    args.rep_ms = args.rep_ms or (30 if args.quick else 100)
+    providers = [p for p in args.providers.split(",") if p]
+    meta = {"device": device_name(device), **versions(), "commit": git_commit()}
+    name = f"bench_loss_{device_slug(device)}.json"
+    rows = []
+    for shape in shapes:
+        try:
+            rows += run_shape(shape, providers, dtype, device, args, meta)
+        except Exception as exc:  # e.g. out of memory building the inputs
+            rows.append({"shape": shape, "provider": "all", **meta,
+                         "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
+        paths = write_json(rows, name)  # after every shape: partial results survive timeouts
+        print_table([r for r in rows if r["shape"] == shape],
+                    ["shape", "provider", "ms_p50", "ms_p20", "ms_p80", "peak_gib",
+                     "ratio_to_floor", "rel_err_vs_naive", "error"])
+        sys.stdout.flush()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("wrote", ", ".join(str(p) for p in paths))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Triton backend on a real GPU: real head shapes in bf16 (2x rule), determinism, no host
+sync, int64 offsets, strict mode. Every test is marked ``gpu`` (skipped without CUDA)."""
+import pytest
+import torch
+
+from fastunlearn.losses import token_stats_ref, unlearn_loss, unlearn_loss_ref
+
+pytestmark = pytest.mark.gpu
+
+HEADS = [(8192, 576, 49152), (2048, 2048, 128256), (1024, 4096, 128256)]
+
+
+def _tb():
+    from fastunlearn.losses import triton_backend
+
+    return triton_backend
+
+
+def _case(bt, h, v, dtype, seed=0, ignore_frac=0.2):
+    """Like tests.loss_cases.make_case, generated on the GPU (large heads)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    kw = dict(device="cuda", generator=g)
+    hidden = torch.randn(bt, h, **kw)
+    weight = torch.randn(v, h, **kw) / h**0.5
+    labels = torch.randint(0, v, (bt,), **kw)
+    labels[torch.rand(bt, **kw) < ignore_frac] = -100
+    kind = torch.randint(0, 3, (bt,), **kw)
+    ref_hidden = hidden + 0.3 * torch.randn(bt, h, **kw)
+    ref_weight = weight + 0.05 * torch.randn(v, h, **kw) / h**0.5
+    return (hidden.to(dtype), weight.to(dtype), labels, kind, ref_hidden.to(dtype),
+            ref_weight.to(dtype))
+
+
+def _loss_grads(fn, h, w):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    out = fn(h, w)
+    out.loss.backward()
+    return out.loss.detach().float(), h.grad.float(), w.grad.float()
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("shape", HEADS, ids=lambda s: "x".join(map(str, s)))
+def test_bf16_real_heads_two_x_rule(shape):
+    """Error against an fp32 reference <= 2x the error of the naive bf16 computation."""
+    h, w, y, k, rh, rw = _case(*shape, torch.bfloat16)
+    ref = _loss_grads(lambda a, b: unlearn_loss_ref(
+        a.float(), b.float(), y, k, rh.float(), rw.float(), compute_dtype=torch.float32), h, w)
+    naive = _loss_grads(lambda a, b: unlearn_loss_ref(
+        a, b, y, k, rh, rw, compute_dtype=torch.bfloat16), h, w)
+    got = _loss_grads(lambda a, b: unlearn_loss(a, b, y, k, rh, rw, backend="triton"), h, w)
+    err_loss = abs(float(got[0] - ref[0]))
+    naive_loss = abs(float(naive[0] - ref[0]))
+    assert err_loss <= 2 * naive_loss + 1e-6, (err_loss, naive_loss)
+    for i, name in ((1, "dX"), (2, "dW")):
+        e, n = _rel(got[i], ref[i]), _rel(naive[i], ref[i])
+        assert e <= 2 * n + 1e-6, (name, e, n)
+        assert e < 5e-2, (name, e)
+
+
+def test_deterministic_bit_identical():
+    h, w, y, k, rh, rw = _case(4096, 1024, 50000, torch.bfloat16, seed=1)
+    a = _loss_grads(lambda a_, b_: unlearn_loss(a_, b_, y, k, rh, rw, backend="triton",
+                                                chunk_rows=1024), h, w)
+    b = _loss_grads(lambda a_, b_: unlearn_loss(a_, b_, y, k, rh, rw, backend="triton",
+                                                chunk_rows=1024), h, w)
+    for x, z in zip(a, b):
+        assert torch.equal(x, z)
+
+
+@pytest.mark.parametrize("mode", ["num_rows", "nosync"])
+def test_forward_has_no_host_sync(mode):
+    fl = pytest.importorskip("fastunlearn.triton_kernels.fused_loss")
+    h, w, y, k, rh, rw = _case(1024, 256, 32000, torch.bfloat16, seed=2)
+    valid = (y != -100).cpu()
+    kc = k.cpu()
+    num = [int((valid & (kc == i)).sum()) for i in range(3)]
+    kw = dict(eps_forget=0.5, eps_mismatch=1.0, eps_normal=1.0, chunk_rows=256)
+    kw.update(num_rows=num) if mode == "num_rows" else kw.update(sync=False)
+    base = fl.unlearn_loss_fwd(h, w, y, k, rh, rw, **kw)  # warm-up: compiles, probes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fl.unlearn_loss_fwd(h, w, y, k, rh, rw, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(out[0], base[0])
+
+
+def test_int64_offsets_huge_chunk():
+    """A chunk holding > 2^31 logits must give what small chunks give."""
+    h, w, y, k, rh, rw = _case(17000, 64, 128256, torch.float32, seed=3, ignore_frac=0.0)
+    a = _loss_grads(lambda a_, b_: unlearn_loss(a_, b_, y, k, rh, rw, backend="triton",
+                                                chunk_rows=17000), h, w)
+    b = _loss_grads(lambda a_, b_: unlearn_loss(a_, b_, y, k, rh, rw, backend="triton",
+                                                chunk_rows=1024), h, w)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a[2], b[2], rtol=1e-4, atol=1e-6)
+
+
+def test_fp32_matches_reference_on_gpu():
+    h, w, y, k, rh, rw = _case(300, 64, 5000, torch.float32, seed=4)
+    b = torch.randn(5000, device="cuda")
+    kw = dict(softcap=15.0)
+
+    def run(fn):
+        hh = h.clone().requires_grad_()
+        ww = w.clone().requires_grad_()
+        bb = b.clone().requires_grad_()
+        out = fn(hh, ww, bb)
+        (out.loss * -2.0).backward()
+        return out.loss.detach(), hh.grad, ww.grad, bb.grad
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = run(lambda a, c, d: unlearn_loss_ref(a.double(), c.double(), y, k, rh.double(),
+                                                   rw.double(), bias=d.double(),
+                                                   ref_bias=d.detach().double(), **kw))
+        got = run(lambda a, c, d: unlearn_loss(a, c, y, k, rh, rw, bias=d, ref_bias=d.detach(),
+                                               backend="triton", chunk_rows=128, **kw))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-6)
+    for a, r in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a.double(), r.double(), rtol=5e-4, atol=1e-6)
+
+
+def test_strict_mode_uses_a_kernel_backend(monkeypatch):
+    monkeypatch.setenv("FASTUNLEARN_STRICT", "1")
+    h, w, y, k, rh, rw = _case(256, 128, 4000, torch.bfloat16, seed=5)
+    out = unlearn_loss(h, w, y, k, rh, rw, backend="triton")
+    assert out.backend == "triton"
+    auto = unlearn_loss(h, w, y, k, rh, rw, backend="auto")  # must not fall back silently
+    assert auto.backend not in ("chunked", "reference")
+
+
+def test_token_stats_bf16_two_x_rule():
+    h, w, y, _k, rh, rw = _case(1024, 1024, 65536, torch.bfloat16, seed=6)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    g_logp = torch.randn(1024, generator=g).cuda()
+    g_kl = torch.randn(1024, generator=g).cuda()
+
+    def run(fn):
+        hh = h.clone().requires_grad_()
+        ww = w.clone().requires_grad_()
+        logp, logp_ref, kl = fn(hh, ww)
+        (g_logp * logp.float() + g_kl * kl.float()).sum().backward()
+        return logp.float(), logp_ref.float(), kl.float(), hh.grad.float(), ww.grad.float()
+
+    ref = run(lambda a, b: token_stats_ref(a.float(), b.float(), y, rh.float(), rw.float()))
+    naive = run(lambda a, b: token_stats_ref(a, b, y, rh, rw, compute_dtype=torch.bfloat16))
+    got = run(lambda a, b: _tb().token_stats(a, b, y, rh, rw))
+    for i, name in enumerate(("logp", "logp_ref", "kl", "dX", "dW")):
+        e, n = _rel(got[i], ref[i]), _rel(naive[i], ref[i])
+        assert e <= 2 * n + 1e-6, (name, e, n)
+
+
+def test_torch_compile_inductor_gpu():
+    h, w, y, k, rh, rw = _case(512, 256, 8000, torch.bfloat16, seed=7)
+
+    def step(h_, w_):
+        return unlearn_loss(h_.float().to(h_.dtype), w_, y, k, rh, rw, backend="triton").loss
+
+    compiled = torch.compile(step, fullgraph=False)
+    a = _loss_grads(lambda a_, b_: type("O", (), {"loss": compiled(a_, b_)})(), h, w)
+    b = _loss_grads(lambda a_, b_: type("O", (), {"loss": step(a_, b_)})(), h, w)
+    for x, z in zip(a, b):
+        torch.testing.assert_close(x, z)
