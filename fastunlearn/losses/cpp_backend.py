@@ -1,0 +1,172 @@
+"""``cpp`` backend: the fused unlearning loss as a C++ CPU extension (csrc/unlearn_loss_cpu.cpp).
+
+The extension is compiled just in time on first use (or on the first availability probe) and
+cached on disk (see ``_build``); importing this module compiles nothing. The op is registered as
+``fastunlearn::cpp_unlearn_loss`` through ``torch.library.custom_op`` with a fake implementation
+and an autograd formula, so ``torch.compile`` traces through it. Gradients are computed in the
+forward; the backward only scales them by grad_output.
+"""
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._build import ExtensionBuildError, cpu_arch_flags, load_extension
+from .registry import Backend, register_backend
+from .types import IGNORE_INDEX, REDUCTIONS, LossOutput
+
+EXT_NAME = "fastunlearn_cpp_loss"
+SOURCES = ["unlearn_loss_cpu.cpp"]
+DEFAULT_WORKSPACE_MB = 64
+
+
+def load():
+    """Build (first time) and import the extension; raises ExtensionBuildError on failure."""
+    flags = ["-O3", "-fopenmp", *cpu_arch_flags()]
+    return load_extension(EXT_NAME, SOURCES, cflags=flags, ldflags=["-fopenmp"])
+
+
+def default_chunk_rows(vocab: int, workspace_mb: Optional[int] = None) -> int:
+    """Rows per chunk so that the two fp32 (rows, V) logit buffers fit the workspace.
+
+    The default (64 MiB, 170 rows at V = 49152) keeps the GEMMs efficient on CPU while staying far
+    below the (BT, V) logits; FASTUNLEARN_WORKSPACE_MB overrides it.
+    """
+    mb = workspace_mb or int(os.environ.get("FASTUNLEARN_WORKSPACE_MB", DEFAULT_WORKSPACE_MB))
+    return max(16, (mb * 2**20) // (2 * 4 * max(vocab, 1)))
+
+
+def _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, eps_forget,
+         eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index, chunk_rows):
+    return tuple(load().forward_backward(
+        hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, float(eps_forget),
+        float(eps_mismatch), float(eps_normal), float(softcap), bool(reduction_sum),
+        int(ignore_index), int(chunk_rows)))
+
+
+def _fake(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, eps_forget,
+          eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index, chunk_rows):
+    v, h = weight.shape
+    f32 = torch.float32
+    return (hidden.new_empty((), dtype=f32), hidden.new_empty((3,), dtype=f32),
+            hidden.new_empty((3,), dtype=torch.int64), hidden.new_empty(hidden.shape),
+            hidden.new_empty((v, h), dtype=f32),
+            hidden.new_empty((v,) if bias is not None else (0,), dtype=f32))
+
+
+def _setup_context(ctx, inputs, output):
+    _loss, _terms, _counts, dx, dw, db = output
+    ctx.save_for_backward(dx, dw, db)
+    # only grad(loss) is used: do not materialise zero grads for the (V, H) / (BT, H) outputs
+    ctx.set_materialize_grads(False)
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.bias_dtype = inputs[6].dtype if inputs[6] is not None else None
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return (None,) * 15
+    dx, dw, db = ctx.saved_tensors
+    g = grad_loss.float()
+    d_hidden = dx * g.to(dx.dtype)
+    d_weight = (dw * g).to(ctx.weight_dtype)
+    d_bias = (db * g).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return (d_hidden, d_weight, None, None, None, None, d_bias) + (None,) * 8
+
+
+if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):
+    @torch.library.custom_op("fastunlearn::cpp_unlearn_loss", mutates_args=())
+    def _cpp_op(hidden: Tensor, weight: Tensor, labels: Tensor, kind: Tensor,
+                ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], bias: Optional[Tensor],
+                ref_bias: Optional[Tensor], eps_forget: float, eps_mismatch: float,
+                eps_normal: float, softcap: float, reduction_sum: bool, ignore_index: int,
+                chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
+                    eps_forget, eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index,
+                    chunk_rows)
+
+    _cpp_op.register_fake(_fake)
+    torch.library.register_autograd("fastunlearn::cpp_unlearn_loss", _backward,
+                                    setup_context=_setup_context)
+
+    def _apply(*args):
+        return _cpp_op(*args)
+else:  # older torch: a plain autograd.Function (no torch.compile support)
+    class CppUnlearnLossFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = _run(*args)
+            _setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_loss, *rest):
+            return _backward(ctx, grad_loss)
+
+    def _apply(*args):
+        return CppUnlearnLossFunction.apply(*args)
+
+
+def cpp_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weight=None, *,
+                     eps_forget, eps_mismatch, eps_normal, bias=None, ref_bias=None,
+                     softcap=None, reduction="mean", ignore_index=IGNORE_INDEX,
+                     chunk_rows=None) -> LossOutput:
+    """Fused unlearning loss on CPU (same contract as ``chunked.chunked_unlearn_loss``).
+
+    Args:
+        hidden: (BT, H) float32 / bfloat16 / float16 / float64 policy hidden states (any strides).
+        weight: (V, H) head; computed in fp32, gradient returned in weight's dtype.
+        labels: (BT,) int ids, ``ignore_index`` on rows that do not count.
+        kind: (BT,) ints, 0 forget / 1 mismatch / 2 normal.
+        ref_hidden: (BT, H) reference hidden states aligned with hidden, or None (no KL term).
+        ref_weight: (V, H) reference head, None = weight (no gradient flows into it).
+        bias / ref_bias: (V,) optional head biases. softcap: optional logit soft-cap c > 0.
+        reduction: "mean" (each term over its own tokens) or "sum".
+        chunk_rows: rows per chunk (default: :func:`default_chunk_rows`).
+
+    Returns:
+        LossOutput(backend="cpp"): differentiable ``loss`` (fp32 scalar), detached terms, int64
+        counts. Sign convention: ``loss = -eps_forget*forget_nll + eps_mismatch*mismatch_nll +
+        eps_normal*normal_kl``.
+
+    Example:
+        >>> out = cpp_unlearn_loss(h, W, labels, kind, ref_h, eps_forget=0.5, eps_mismatch=1.0,
+        ...                        eps_normal=1.0)
+        >>> out.loss.backward()
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if chunk_rows is not None and chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    rows = chunk_rows or default_chunk_rows(weight.shape[0] if weight.dim() == 2 else 1)
+    if ref_bias is not None:
+        ref_bias = ref_bias.detach()
+    if ref_weight is not None:
+        ref_weight = ref_weight.detach()
+    if ref_hidden is not None:
+        ref_hidden = ref_hidden.detach()
+    loss, terms, counts, _dx, _dw, _db = _apply(
+        hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, float(eps_forget),
+        float(eps_mismatch), float(eps_normal), float(softcap or 0.0), reduction == "sum",
+        int(ignore_index), int(rows))
+    terms = terms.detach()
+    return LossOutput(loss, terms[0], terms[1], terms[2], counts[0], counts[1], counts[2],
+                      backend="cpp")
+
+
+def _availability(device_type):
+    if device_type not in (None, "cpu"):
+        return False, f"runs on cpu, not {device_type}"
+    try:
+        mod = load()
+    except ExtensionBuildError as exc:
+        return False, str(exc).splitlines()[0]
+    return True, f"built ({getattr(mod, '__file__', EXT_NAME)})"
+
+
+register_backend(Backend("cpp", cpp_unlearn_loss, ("cpu",), priority=20,
+                         availability=_availability,
+                         description="C++ CPU extension: fused row pass, MKL GEMMs on row chunks"))
