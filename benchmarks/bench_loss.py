@@ -46,13 +46,15 @@ EPS = dict(eps_forget=0.5, eps_mismatch=1.0, eps_normal=1.0)
 
 
 def make_inputs(bt, h, v, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(bt, h, generator=g).to(device, dtype)
-    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype)
-    ref_hidden = (hidden.float().cpu() + 0.1 * torch.randn(bt, h, generator=g)).to(device, dtype)
-    ref_weight = weight + (0.01 / h**0.5) * torch.randn(v, h, generator=g).to(device, dtype)
-    labels = torch.randint(0, v, (bt,), generator=g).to(device)
-    kind = (torch.randperm(bt, generator=g) % 3).to(device)  # one third of each kind
+    """Random head inputs generated on the device (large heads: no host round trip)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(device=device, generator=g)
+    hidden = torch.randn(bt, h, **kw).to(dtype)
+    weight = (torch.randn(v, h, **kw) / h**0.5).to(dtype)
+    ref_hidden = (hidden.float() + 0.1 * torch.randn(bt, h, **kw)).to(dtype)
+    ref_weight = (weight.float() + (0.01 / h**0.5) * torch.randn(v, h, **kw)).to(dtype)
+    labels = torch.randint(0, v, (bt,), **kw)
+    kind = torch.randperm(bt, **kw) % 3  # one third of each kind
     return hidden, weight, labels, kind, ref_hidden, ref_weight
 
 
@@ -193,6 +195,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--warmup-ms", type=float, default=None)
     ap.add_argument("--rep-ms", type=float, default=None)
+    ap.add_argument("--out-name", default="", help="suffix of the JSON file name")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -204,7 +207,8 @@ def main(argv=None):
     args.rep_ms = args.rep_ms or (30 if args.quick else 100)
     providers = [p for p in args.providers.split(",") if p]
     meta = {"device": device_name(device), **versions(), "commit": git_commit()}
-    name = f"bench_loss_{device_slug(device)}.json"
+    suffix = f"_{args.out_name}" if args.out_name else ""
+    name = f"bench_loss_{device_slug(device)}{suffix}.json"
     rows = []
     for shape in shapes:
         try:
