@@ -14,8 +14,11 @@ valid rows are processed in chunks of ``chunk_rows``:
 
 FLOP floor with N valid rows, N_ref reference rows: 2NHV (z) + 2NHV (dX) + 2NHV (dW)
 + 2 N_ref HV (zr). Bytes beyond the GEMMs: the row kernel's ~(3 C + 2 C_ref) V elements per
-chunk (see unlearn_rows.py). Workspace: (C + C) x V elements of the input dtype, set by
-``chunk_rows`` or FASTUNLEARN_TRITON_WORKSPACE_MB.
+chunk (see unlearn_rows.py), and each chunk's dW GEMM reads and writes the fp32 dW (hidden in
+the GEMM's epilogue when chunks are large). Workspace: one (C, V) buffer of the input dtype;
+chunks without reference rows use all C rows, chunks of normal rows use C / 2 rows for the
+policy logits and C / 2 for the reference logits. C is set by ``chunk_rows`` or
+FASTUNLEARN_TRITON_WORKSPACE_MB (default: see default_chunk_rows).
 
 Host synchronisation: cuBLAS needs the number of valid rows (and of rows with a reference) as
 host integers. Three ways to get them, in this order:
@@ -41,13 +44,23 @@ _DW_SLICE = 8192  # rows of V per slice in the fallback dW path (bounds its temp
 
 # ----------------------------------------------------------------------------- helpers
 
-def default_chunk_rows(vocab: int, elem_size: int, device_type: str) -> int:
-    """Rows per chunk so that the policy and reference logit workspaces fit the budget."""
-    default_mb = 1024 if device_type == "cuda" else 64
-    mb = int(os.environ.get("FASTUNLEARN_TRITON_WORKSPACE_MB", default_mb))
-    rows = (mb * 2**20) // (2 * max(vocab, 1) * elem_size)
-    if rows >= 256:
-        rows = rows // 128 * 128  # GEMM-friendly multiples
+def default_chunk_rows(vocab: int, hidden: int, elem_size: int, device_type: str) -> int:
+    """Rows per chunk (the workspace holds chunk x V logits of the input dtype).
+
+    Default: a workspace of half the fp32 dW (V x H x 2 bytes), so the forward's peak
+    (dW + workspace) stays at the backward's (fp32 dW + dW in the weight dtype): chunk = 2H /
+    elem_size rows, clamped to [1024, 4096] on CUDA (fewer, larger GEMMs; every chunk re-reads
+    and re-writes the fp32 dW). FASTUNLEARN_TRITON_WORKSPACE_MB overrides it.
+    """
+    mb = os.environ.get("FASTUNLEARN_TRITON_WORKSPACE_MB")
+    if mb:
+        rows = (int(mb) * 2**20) // (max(vocab, 1) * elem_size)
+    elif device_type == "cuda":
+        rows = min(max(2 * hidden // elem_size, 1024), _MAX_CHUNK)
+    else:
+        rows = (64 * 2**20) // (max(vocab, 1) * elem_size)
+    if rows >= 512:
+        rows = rows // 256 * 256  # GEMM-friendly multiples
     return int(max(16, min(_MAX_CHUNK, rows)))
 
 
@@ -119,6 +132,21 @@ def _check_dtypes(hidden, weight):
 
 # ----------------------------------------------------------------------------- chunk loop
 
+def _segments(n_rows, chunk, has_ref, ref_start):
+    """Host-side chunk list [(s, e, ref)]: rows [s, e) of the sorted order, ref = whether the
+    chunk has reference rows. Chunks without a reference use the whole workspace (chunk rows);
+    chunks with one split it between policy and reference logits (chunk // 2 rows each)."""
+    half = max(1, chunk // 2)
+    if not has_ref:
+        return [(s, min(s + chunk, n_rows), False) for s in range(0, n_rows, chunk)]
+    if ref_start is None:  # no-sync mode: any row may need the reference
+        return [(s, min(s + half, n_rows), True) for s in range(0, n_rows, half)]
+    ref_start = min(ref_start, n_rows)
+    segs = [(s, min(s + chunk, ref_start), False) for s in range(0, ref_start, chunk)]
+    segs += [(s, min(s + half, n_rows), True) for s in range(ref_start, n_rows, half)]
+    return segs
+
+
 def _chunk_loop(hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, b_s, *,
                 ref_start, ref_rowmask, bias, ref_bias, softcap, write_grad, chunk_rows,
                 want_ref_nll=False):
@@ -134,8 +162,11 @@ def _chunk_loop(hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, 
     wdt = weight.dtype
     has_ref = ref_hidden is not None
     rw = (weight if ref_weight is None else ref_weight).detach()
-    chunk = chunk_rows or default_chunk_rows(vocab, weight.element_size(), dev.type)
+    w = weight.detach()
+    chunk = chunk_rows or default_chunk_rows(vocab, h_dim, weight.element_size(), dev.type)
     chunk = max(1, min(chunk, max(n_rows, 1)))
+    if has_ref:
+        chunk = max(2, chunk)
     block_v = _block_v_from_env()
 
     row_nll = torch.zeros(n_rows, device=dev, dtype=torch.float32)
@@ -149,28 +180,25 @@ def _chunk_loop(hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, 
     if n_rows == 0:
         return row_nll, row_kl, row_ref_nll, dx_s, dw32, db32
 
-    z_buf = torch.empty(chunk, vocab, device=dev, dtype=wdt)
-    zr_buf = torch.empty(chunk, vocab, device=dev, dtype=rw.dtype) if has_ref else None
+    # one (chunk, V) workspace; a separate reference buffer only if the dtypes differ
+    ws = torch.empty(chunk, vocab, device=dev, dtype=wdt)
+    zr_ws = (torch.empty(chunk // 2, vocab, device=dev, dtype=rw.dtype)
+             if has_ref and rw.dtype != wdt else None)
     ar = torch.arange(chunk, device=dev, dtype=torch.int32)
     with torch.no_grad():
-        for s in range(0, n_rows, chunk):
-            e = min(s + chunk, n_rows)
+        for s, e, with_ref in _segments(n_rows, chunk, has_ref, ref_start):
             c = e - s
             rows = perm[s:e]
             h = hidden.index_select(0, rows).to(wdt)
-            z = z_buf[:c]
-            torch.mm(h, weight.detach().T, out=z)  # 1. policy logits
+            z = ws[:c]
+            torch.mm(h, w.T, out=z)  # 1. policy logits
             zr = ref_idx = None
-            if has_ref:  # 2. reference logits for the rows that have one
-                lo = s if ref_start is None else max(s, ref_start)
-                if lo < e:
-                    rh = ref_hidden.index_select(0, perm[lo:e]).to(rw.dtype)
-                    zr = zr_buf[:e - lo]
-                    torch.mm(rh, rw.T, out=zr)
-                    if ref_start is None:
-                        ref_idx = torch.where(ref_rowmask[s:e], ar[:c], -1).to(torch.int32)
-                    else:
-                        ref_idx = (ar[:c] - (lo - s)).clamp_(min=-1)
+            if with_ref:  # 2. reference logits (every row of the chunk)
+                rh = ref_hidden.index_select(0, rows).to(rw.dtype)
+                zr = ws[c:2 * c] if zr_ws is None else zr_ws[:c]
+                torch.mm(rh, rw.T, out=zr)
+                ref_idx = ar[:c] if ref_start is not None else torch.where(
+                    ref_rowmask[s:e], ar[:c], -1).to(torch.int32)
             nll, kl, ref_nll = unlearn_rows_fwd(  # 3. row statistics and dlogits in place
                 z, y_s[s:e], zr, ref_idx, a_s[s:e] if a_s is not None else None,
                 b_s[s:e] if b_s is not None else None, bias=bias, ref_bias=ref_bias,
@@ -180,7 +208,7 @@ def _chunk_loop(hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, 
             if want_ref_nll:
                 row_ref_nll[s:e] = ref_nll
             if write_grad:
-                torch.mm(z, weight.detach(), out=dx_s[s:e])  # 4. dX
+                torch.mm(z, w, out=dx_s[s:e])  # 4. dX
                 accumulate_dw(dw32, z, h)  # 5. dW (fp32)
                 if db32 is not None:
                     db32 += z.sum(0, dtype=torch.float32)  # 6. db
