@@ -171,3 +171,19 @@ def test_torch_compile_inductor_gpu():
     b = _loss_grads(lambda a_, b_: type("O", (), {"loss": step(a_, b_)})(), h, w)
     for x, z in zip(a, b):
         torch.testing.assert_close(x, z)
+
+
+def test_fp32_dw_accumulation_uses_out_dtype_gemm():
+    """On CUDA the bf16 GEMM with fp32 output (beta = 1 into dW) must be available;
+    the upcast fallback is exact but several times slower."""
+    from fastunlearn.triton_kernels import fused_loss as fl
+
+    mode = fl._probe_addmm_f32(torch.device("cuda"))
+    print("dW accumulation mode:", mode, "torch", torch.__version__)
+    assert mode in ("addmm", "mm")
+    a = torch.randn(64, 5000, device="cuda").bfloat16()
+    b = torch.randn(64, 96, device="cuda").bfloat16()
+    dw = torch.randn(5000, 96, device="cuda")
+    want = dw.double() + a.double().T @ b.double()
+    fl.accumulate_dw(dw, a, b)
+    torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-4)

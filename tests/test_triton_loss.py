@@ -273,3 +273,59 @@ def test_kernel_compiles_for_sm90(monkeypatch, dtype, features):
     ttir = kernel.asm["ttir"]
     # the reference branch yields its updated statistics out of the runtime `if`
     assert ("scf.yield" in ttir) and (features is False or "scf.if" in ttir)
+
+
+def test_bf16_two_x_rule_tiny():
+    """bf16 path (dlogits stored in bf16, fp32 dW accumulation) through the interpreter."""
+    h, w, y, k, rh, rw = make_case(40, 32, 150, dtype=torch.bfloat16, scale=2.0, seed=23)
+
+    def run(fn):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(hh, ww)
+        out.loss.backward()
+        return out.loss.detach().double(), hh.grad.double(), ww.grad.double()
+
+    ref = run(lambda a, b: unlearn_loss_ref(a, b, y, k, rh, rw, compute_dtype=torch.float64))
+    naive = run(lambda a, b: unlearn_loss_ref(a, b, y, k, rh, rw, compute_dtype=torch.bfloat16))
+    got = run(lambda a, b: unlearn_loss(a, b, y, k, rh, rw, backend="triton", chunk_rows=8))
+    assert abs(got[0] - ref[0]) <= 2 * abs(naive[0] - ref[0]) + 1e-6
+    for i in (1, 2):
+        e = (got[i] - ref[i]).norm() / ref[i].norm()
+        n = (naive[i] - ref[i]).norm() / ref[i].norm()
+        assert e <= 2 * n, (i, float(e), float(n))
+
+
+@pytest.mark.parametrize("mode", ["addmm", "mm", "cast"])
+def test_accumulate_dw_modes(monkeypatch, mode):
+    """Every fp32 dW accumulation path (chosen by a probe of the installed torch) is exact
+    up to fp32 rounding; paths the local torch lacks are skipped."""
+    from fastunlearn.triton_kernels import fused_loss as fl
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(24, 300, generator=g).bfloat16()
+    b = torch.randn(24, 16, generator=g).bfloat16()
+    dw = torch.randn(300, 16, generator=g)
+    want = dw.double() + a.double().T @ b.double()
+    monkeypatch.setattr(fl, "_DW_SLICE", 128)  # several slices in the fallback paths
+    monkeypatch.setitem(fl._ADDMM_F32_OK, "cpu", mode)
+    try:
+        fl.accumulate_dw(dw, a, b)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"{mode} not supported by this torch on cpu: {str(exc)[:80]}")
+    torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_unlearn_op_opcheck_and_function_fallback(monkeypatch):
+    tb = _tb()
+    h, w, y, k, rh, rw = make_case(9, 4, 40, dtype=torch.float32, seed=29)
+    opcheck = getattr(torch.library, "opcheck", None)
+    if opcheck is not None:
+        hg = h.clone().requires_grad_()
+        opcheck(tb._unlearn_op, (hg, w, y, k, rh, rw, None, None, 0.5, 1.0, 1.0, None, "mean",
+                                 -100, None, None),
+                test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # the autograd.Function path (torch without custom_op) gives the same result
+    via_op = _run(_tri(y, k, rh, rw, chunk_rows=4), h, w, g=2.0)
+    monkeypatch.setattr(tb, "_unlearn_op", None)
+    via_fn = _run(_tri(y, k, rh, rw, chunk_rows=4), h, w, g=2.0)
+    _assert_match(via_fn[0], via_op[0], via_fn[1:], via_op[1:], grad_rtol=1e-6)

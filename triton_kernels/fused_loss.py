@@ -78,7 +78,8 @@ _ADDMM_F32_OK: dict[str, str] = {}
 
 def _probe_addmm_f32(device: torch.device) -> str:
     """Which way of doing fp32 += bf16^T @ bf16 works on this torch / device (cached):
-    'addmm' (aten::addmm.dtype_out in place, torch >= 2.8 style), 'mm' (mm.dtype) or 'cast'."""
+    'addmm' (aten::addmm.dtype_out in place, torch >= 2.8 style), 'mm' (mm.dtype) or 'cast'
+    (fp32 GEMMs on upcast slices: exact, slower; CPU and old torch)."""
     key = str(device)
     if key in _ADDMM_F32_OK:
         return _ADDMM_F32_OK[key]
@@ -120,8 +121,8 @@ def accumulate_dw(dw32: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
         gs = g[:, v0:v0 + _DW_SLICE].T
         if mode == "mm":
             dw32[v0:v0 + _DW_SLICE] += torch.ops.aten.mm.dtype(gs, h, torch.float32)
-        else:
-            dw32[v0:v0 + _DW_SLICE] += (gs @ h).float()
+        else:  # no low-precision GEMM with fp32 output here: fp32 GEMM on upcast slices
+            dw32[v0:v0 + _DW_SLICE].addmm_(gs.float(), h.float())
 
 
 def _check_dtypes(hidden, weight):
