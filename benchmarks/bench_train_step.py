@@ -1,0 +1,498 @@
+"""End-to-end unlearning step: the paper's way against ours (ms / step, tokens / s, peak memory).
+
+    python benchmarks/bench_train_step.py                 # GPU default (or CPU variant on CPU)
+    python benchmarks/bench_train_step.py --quick         # tiny model, seconds (CI)
+    python benchmarks/bench_train_step.py --lora-8b       # Llama-3-8B-sized LoRA run (GPU)
+    python benchmarks/bench_train_step.py --device cpu --threads 2
+
+One step = B rows of each kind (forget, mismatch, normal) of length T, random tokens (throughput
+does not depend on the weights or the text), the first T/4 tokens of every row are prompt
+(label -100), then AdamW.
+
+impl ``paper``: three separate HF forwards with ``labels=`` (forget NLL * -eps_forget, mismatch
+NLL), a forward of the normal rows through the policy and through a full reference copy with the
+logits materialised, a full-vocabulary fp32 KL masked to valid tokens (the true KL, unlike the
+paper's code), one backward, AdamW.
+
+impl ``ours...``: ``step.micro_batch_loss`` (one policy trunk pass over [forget; mismatch; normal],
+reference on the normal rows only, ignored rows dropped, fused loss backend picked by ``auto``),
+gradient clipping, AdamW (fused on CUDA). Options appended to the name: ``+lora`` (peft adapters,
+reference = adapters disabled), ``+cached`` (cached reference, no reference model in memory),
+``+bf16ref`` (reference copy in bf16), ``+ckpt`` (activation checkpointing), ``+bf16w`` (bf16
+weights instead of fp32 master weights).
+
+Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
+weights); on CPU fp32 throughout. Timing: warm-up steps, then timed steps, median (CUDA
+synchronised). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (weights, gradients,
+optimizer state and activations; stats reset after setup); on CPU the peak RSS (VmHWM, reset
+after setup) minus the RSS before the model was built, measured in one subprocess per config.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# The repository (for the commit id); overridable when running a snapshot copy of this file.
+ROOT = Path(os.environ.get("FASTUNLEARN_BENCH_ROOT") or Path(__file__).resolve().parents[1])
+IGNORE = -100
+
+# Architectures (random weights). rope theta: SmolLM2 1e5, Llama-3 5e5.
+MODELS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                 tie_word_embeddings=True, rope_theta=10000.0),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+# (model, B, T, impls) per preset. The GPU default fits about 1-2 minutes on an H100 / H200.
+GPU_DEFAULT = [
+    ("smollm2-135m", 8, 1024, ["paper", "ours", "ours+lora", "ours+cached"]),
+    ("llama-3.2-1b", 8, 1024, ["paper", "ours", "ours+ckpt"]),
+    ("llama-3.2-1b", 2, 512, ["paper", "ours", "ours+lora", "ours+cached", "ours+bf16ref",
+                              "ours+bf16w"]),
+]
+CPU_DEFAULT = [("smollm2-135m", 2, 128, ["paper", "ours", "ours@chunked", "ours+cached",
+                                         "ours+lora", "ours+lora+cached"])]
+QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora"])]
+LORA_8B = [("llama-3-8b", 2, 512, ["ours+bf16w+lora+ckpt"]),
+           ("llama-3-8b", 8, 1024, ["ours+bf16w+lora+ckpt"])]
+OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w")
+
+
+# ----------------------------------------------------------------------------- helpers
+def parse_impl(impl: str) -> dict:
+    """'ours+lora+ckpt@chunked' -> {'name': 'ours', 'lora': True, 'ckpt': True, ...,
+    'backend': 'chunked'} (``@backend`` forces a loss backend; default: the run's --backend)."""
+    impl, _, backend = impl.partition("@")
+    name, *opts = impl.split("+")
+    if name not in ("paper", "ours"):
+        raise ValueError(f"impl must start with 'paper' or 'ours', got {impl!r}")
+    bad = [o for o in opts if o not in OPTIONS]
+    if bad:
+        raise ValueError(f"unknown impl option {bad[0]!r} (known: {', '.join(OPTIONS)})")
+    if name == "paper" and set(opts) - {"bf16w"}:
+        raise ValueError("paper takes only the +bf16w option")
+    if name == "paper" and backend:
+        raise ValueError("paper runs HF's own loss: no @backend")
+    return {"name": name, "backend": backend or None, **{o: o in opts for o in OPTIONS}}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype, attn: str):
+    """A random-weight LlamaForCausalLM built directly on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**MODELS[name], max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      attn_implementation=attn, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.use_cache = False
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy of an 8B model
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.train()
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing, non-reentrant (works with frozen inputs / LoRA)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kw = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def wrap_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    from fastunlearn.config import ModelSection
+
+    m = ModelSection()  # the Trainer's defaults: r 16, alpha 32, every linear of the blocks
+    lcfg = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(m.lora_targets), task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def make_batch(b: int, t: int, vocab: int, seed: int = 0):
+    """[forget; mismatch; normal] rows of random tokens, first T/4 of each row prompt."""
+    from fastunlearn.batching import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3 * b, t), generator=g)
+    labels = ids.clone()
+    labels[:, : t // 4] = IGNORE
+    mask = torch.ones_like(ids)
+    kind = torch.arange(3).repeat_interleave(b)
+    row_index = torch.arange(b).repeat(3)
+    return Batch(ids, mask, labels, kind, row_index, 3 * b * t, 3 * b * t)
+
+
+def _touch_torch(dev: torch.device) -> None:
+    w = torch.nn.Parameter(torch.randn(8, 8, device=dev))
+    torch.optim.AdamW([w]).zero_grad()
+    (w @ w).sum().backward()
+
+
+class _Row:
+    def __init__(self, input_ids, labels):
+        self.input_ids, self.labels, self.kind = input_ids, labels, 2
+
+
+# -------------------------------------------------------------------------------- steps
+def paper_step(policy, ref, batch, opt, eps, autocast):
+    """The paper's structure: three forwards with labels= / logits, full fp32 KL, AdamW."""
+    b = batch.input_ids.shape[0] // 3
+    dev = next(policy.parameters()).device
+    ids, mask, labels = (x.to(dev) for x in (batch.input_ids, batch.attention_mask, batch.labels))
+    f, m, n = slice(0, b), slice(b, 2 * b), slice(2 * b, 3 * b)
+    with autocast():
+        forget_nll = policy(input_ids=ids[f], attention_mask=mask[f], labels=labels[f]).loss
+        mismatch_nll = policy(input_ids=ids[m], attention_mask=mask[m], labels=labels[m]).loss
+        logits = policy(input_ids=ids[n], attention_mask=mask[n]).logits
+        with torch.no_grad():
+            ref_logits = ref(input_ids=ids[n], attention_mask=mask[n]).logits
+    # Full-vocabulary fp32 KL(p_ref || p_cur) at every position, masked to valid tokens.
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    logq = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    kl_tok = (logq.exp() * (logq - logp)).sum(-1)
+    valid = (labels[n, 1:] != IGNORE).float()
+    kl = (kl_tok * valid).sum() / valid.sum()
+    loss = -eps[0] * forget_nll + eps[1] * mismatch_nll + eps[2] * kl
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def ours_step(policy, runner, batch, opt, weights, device, compute_dtype, backend, params):
+    from fastunlearn.step import micro_batch_loss
+
+    out = micro_batch_loss(policy, runner, batch, weights, device=device,
+                           compute_dtype=compute_dtype, backend=backend)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the Trainer does (max_grad_norm 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.detach()
+
+
+# ------------------------------------------------------------------------- one config
+def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: int,
+               steps: int, backend: str = "auto") -> dict:
+    """Build, warm up, time. Returns one result row (no 'commit'/'torch' fields)."""
+    from fastunlearn.losses import resolve_backend
+    from fastunlearn.models import frozen_copy, pick_attn_implementation
+    from fastunlearn.reference_cache import build_reference_cache
+    from fastunlearn.step import LossWeights, ReferenceRunner
+
+    opt_ = parse_impl(impl)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    _touch_torch(dev)  # lazily loaded libraries / pools are not the step's memory
+    rss0 = proc_status_kib("VmRSS")
+    weights_dtype = torch.bfloat16 if opt_["bf16w"] else torch.float32
+    compute_dtype = torch.bfloat16 if (cuda or opt_["bf16w"]) else torch.float32
+    attn = pick_attn_implementation(dev)
+    torch.manual_seed(0)
+    policy = build_model(model_name, dev, weights_dtype, attn)
+    vocab = MODELS[model_name]["vocab_size"]
+    batch = make_batch(b, t, vocab)
+    row = {"model": model_name, "B": b, "T": t, "impl": impl, "device_type": dev.type,
+           "weights": str(weights_dtype).replace("torch.", ""),
+           "compute": str(compute_dtype).replace("torch.", ""), "attn": attn,
+           "tokens_per_step": 3 * b * t,
+           "valid_fraction": float((batch.labels[:, 1:] != IGNORE).float().mean())}
+    if compute_dtype == torch.float32:
+        autocast = contextlib.nullcontext
+    else:
+        def autocast():
+            return torch.autocast(dev.type, dtype=compute_dtype)
+    eps = (0.5, 1.0, 1.0)
+
+    if opt_["name"] == "paper":
+        ref = frozen_copy(policy)  # the paper keeps a second full model
+        params = [p for p in policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-6, fused=cuda)
+
+        def step():
+            return paper_step(policy, ref, batch, opt, eps, autocast)
+        row.update(backend="hf", reference="copy")
+    else:
+        cache = None
+        if opt_["lora"]:
+            for p in policy.parameters():
+                p.requires_grad_(False)
+            policy = wrap_lora(policy)
+        if opt_["cached"]:
+            # Before step 1 the policy is the reference: build from it, no copy ever exists.
+            builder = ReferenceRunner(policy, None if opt_["lora"] else policy)
+            policy.eval()
+            normal = [_Row(batch.input_ids[i].tolist(), batch.labels[i].tolist())
+                      for i in range(2 * b, 3 * b)]
+            cache = build_reference_cache(builder, normal, device=dev,
+                                          compute_dtype=compute_dtype, batch_rows=b)
+            policy.train()
+            ref, reference = None, "cached"
+        elif opt_["lora"]:
+            ref, reference = None, "adapters"
+        else:
+            ref = frozen_copy(policy, torch.bfloat16 if opt_["bf16ref"] else None)
+            reference = "copy-bf16" if opt_["bf16ref"] else "copy"
+        runner = ReferenceRunner(policy, ref, cache=cache)
+        if opt_["ckpt"]:
+            enable_checkpointing(policy)
+        policy.train()
+        params = [p for p in policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-6, fused=cuda)
+        weights = LossWeights(*eps)
+        chosen = resolve_backend(opt_["backend"] or backend, dev.type).name
+
+        def step():
+            return ours_step(policy, runner, batch, opt, weights, dev, compute_dtype, chosen,
+                             params)
+        row.update(backend=chosen, reference=reference)
+    row["trainable_params"] = sum(p.numel() for p in params)
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+    times = []
+    loss = None
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    ms = 1e3 * statistics.median(times)
+    row.update(ms_per_step=round(ms, 2), ms_all=[round(1e3 * x, 2) for x in times],
+               tokens_per_s=round(3 * b * t / (ms / 1e3), 1), loss=float(loss),
+               warmup=warmup, steps=steps)
+    if cuda:
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        row["device"] = torch.cuda.get_device_name(dev)
+    else:
+        row["peak_gib"] = round((proc_status_kib("VmHWM") - rss0) / 2**20, 3)
+        row["device"] = "cpu"
+        row["threads"] = torch.get_num_threads()
+    return row
+
+
+def run_isolated(spec: dict, timeout: float) -> dict:
+    """One config in a fresh interpreter (CPU peak RSS must not see the previous config)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec),
+           "--threads", str(torch.get_num_threads())]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: str,
+            timeout: float) -> list[dict]:
+    rows = []
+    meta = {"torch": torch.__version__, "commit": git_commit()}
+    try:
+        import transformers
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    for model_name, b, t, impls in plan:
+        for impl in impls:
+            spec = dict(model_name=model_name, b=b, t=t, impl=impl, device=device,
+                        warmup=warmup, steps=steps, backend=backend)
+            print(f"[bench] {model_name} B={b} T={t} {impl} ...", file=sys.stderr, flush=True)
+            if isolate:
+                row = run_isolated(spec, timeout)
+            else:
+                try:
+                    row = run_config(**spec)
+                except torch.cuda.OutOfMemoryError as exc:
+                    row = {"error": "OOM: " + str(exc).splitlines()[0][:160]}
+                finally:
+                    gc.collect()
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+            row = {"model": model_name, "B": b, "T": t, "impl": impl, **row, **meta}
+            row.setdefault("device", device)
+            for k in ("ms_per_step", "tokens_per_s", "peak_gib"):
+                row.setdefault(k, None)
+            rows.append(row)
+            print(f"[bench]   -> {row.get('ms_per_step')} ms, {row.get('peak_gib')} GiB"
+                  + (f" ERROR {row['error']}" if "error" in row else ""),
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'model':<14} {'B':>2} {'T':>5} {'impl':<22} {'backend':<8} {'ms/step':>9} " \
+           f"{'tok/s':>9} {'peak GiB':>9} {'vs paper':>8}"
+    lines = [head, "-" * len(head)]
+    paper = {(r["model"], r["B"], r["T"]): r.get("ms_per_step") for r in rows
+             if r["impl"] == "paper"}
+    for r in rows:
+        ms = r.get("ms_per_step")
+        base = paper.get((r["model"], r["B"], r["T"]))
+        speed = f"{base / ms:.2f}x" if ms and base else ""
+        fmt = (lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-")
+        lines.append(f"{r['model']:<14} {r['B']:>2} {r['T']:>5} {r['impl']:<22} "
+                     f"{str(r.get('backend', '-')):<8} {fmt(ms, '9.1f')} "
+                     f"{fmt(r.get('tokens_per_s'), '9.0f')} {fmt(r.get('peak_gib'), '9.2f')} "
+                     f"{speed:>8}" + (f"  {r['error'][:40]}" if r.get("error") else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--quick", action="store_true", help="tiny model, T=32, 1 timed step (CI)")
+    ap.add_argument("--lora-8b", action="store_true",
+                    help="Llama-3-8B-sized LoRA run: bf16 frozen weights, adapters-disabled "
+                         "reference, activation checkpointing (GPU)")
+    ap.add_argument("--models", help="comma list to keep from the preset (e.g. smollm2-135m)")
+    ap.add_argument("--impls", help="comma list replacing the preset's impls")
+    ap.add_argument("--shape", help="BxT replacing the preset's shapes, e.g. 2x128")
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--steps", type=int, help="timed steps")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                    help="one subprocess per config (auto: on CPU, for honest peak RSS)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated config")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/train_step_<dev>.json)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(run_config(**json.loads(args.one))), flush=True)
+        return 0
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    cuda = device.startswith("cuda")
+    if args.quick:
+        plan, warmup, steps, suffix = QUICK, 1, 1, "_quick"
+        if not args.threads:  # 2 OpenMP threads on a loaded 2-core box can stall for seconds
+            torch.set_num_threads(1)
+    elif args.lora_8b:
+        if not cuda:
+            raise SystemExit("error: --lora-8b needs a CUDA device (16 GB of bf16 weights)")
+        plan, warmup, steps, suffix = LORA_8B, 1, 2, "_lora8b"
+    else:
+        plan, warmup, steps, suffix = (GPU_DEFAULT, 2, 3, "") if cuda else \
+            (CPU_DEFAULT, 1, 2, "")
+    if args.models:
+        keep = set(args.models.split(","))
+        unknown = keep - set(MODELS)
+        if unknown:
+            raise SystemExit(f"error: unknown model {sorted(unknown)[0]!r} "
+                             f"(known: {', '.join(MODELS)})")
+        plan = [p for p in plan if p[0] in keep] or [(m, *plan[0][1:]) for m in sorted(keep)]
+    if args.impls:
+        impls = args.impls.split(",")
+        for i in impls:
+            try:
+                parse_impl(i)
+            except ValueError as exc:
+                raise SystemExit(f"error: {exc}") from None
+        plan = [(m, b, t, impls) for m, b, t, _ in plan]
+    if args.shape:
+        try:
+            b, t = (int(x) for x in args.shape.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"error: --shape must look like 2x128, got {args.shape!r}") from None
+        plan = list({(m, b, t, tuple(i)): None for m, _, _, i in plan})
+        plan = [(m, b, t, list(i)) for m, b, t, i in plan]
+    warmup = args.warmup if args.warmup is not None else warmup
+    steps = args.steps if args.steps is not None else steps
+    if steps < 1 or warmup < 0:
+        raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+    # auto: isolate on CPU (honest peak RSS), except --quick (speed; its peak is approximate)
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and not cuda and not args.quick)
+
+    rows = run_all(plan, device, warmup, steps, isolate, args.backend, args.timeout)
+    if args.threads:
+        for r in rows:
+            r["threads"] = args.threads
+    dev_name = "cuda" if cuda else "cpu"
+    out = Path(args.out) if args.out else \
+        ROOT / "benchmarks" / "results" / f"train_step_{dev_name}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(rows, indent=1)
+    out.write_text(text + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / out.name).write_text(text + "\n")
+    print(table(rows))
+    print(f"wrote {out}")
+    return 1 if any("error" in r for r in rows) and all("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
