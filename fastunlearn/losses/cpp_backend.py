@@ -21,10 +21,50 @@ SOURCES = ["unlearn_loss_cpu.cpp"]
 DEFAULT_WORKSPACE_MB = 64
 
 
+_GEMM_CHOSEN = False
+
+
 def load():
-    """Build (first time) and import the extension; raises ExtensionBuildError on failure."""
+    """Build (first time) and import the extension; raises ExtensionBuildError on failure.
+
+    On first load the GEMM engine is chosen: FASTUNLEARN_CPP_GEMM=onednn|aten forces one;
+    the default ``auto`` uses oneDNN (bundled in libtorch) when it matches at::mm on a self-check.
+    """
+    global _GEMM_CHOSEN
     flags = ["-O3", "-fopenmp", *cpu_arch_flags()]
-    return load_extension(EXT_NAME, SOURCES, cflags=flags, ldflags=["-fopenmp"])
+    ext = load_extension(EXT_NAME, SOURCES, cflags=flags, ldflags=["-fopenmp"])
+    if not _GEMM_CHOSEN:
+        _GEMM_CHOSEN = True
+        want = os.environ.get("FASTUNLEARN_CPP_GEMM", "auto")
+        if want not in ("auto", "onednn", "aten"):
+            raise ValueError(f"FASTUNLEARN_CPP_GEMM must be auto, onednn or aten, got {want!r}")
+        engine = ext.set_gemm("aten" if want == "aten" else "onednn")
+        if want == "auto" and engine == "onednn" and not _gemm_self_check(ext):
+            ext.set_gemm("aten")
+    return ext
+
+
+def _gemm_self_check(ext) -> bool:
+    """oneDNN's matmul is reached through an internal ATen symbol: check it against torch.mm
+    (plain, transposed operands, accumulation) before trusting it."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 19, generator=g), torch.randn(19, 53, generator=g)
+    c0 = torch.randn(37, 53, generator=g)
+    try:
+        cases = [
+            (ext.gemm(a, b, torch.empty(37, 53), 0.0), a @ b),
+            (ext.gemm(a, b.t().contiguous().t(), c0.clone(), 1.0), c0 + a @ b),
+            (ext.gemm(a.t().contiguous().t(), b, c0.clone(), 1.0), c0 + a @ b),
+            (ext.gemm(b.t(), a.t(), torch.empty(53, 37), 0.0), (a @ b).t()),
+        ]
+    except RuntimeError:
+        return False
+    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-5) for x, y in cases)
+
+
+def gemm_engine() -> str:
+    """The GEMM engine the extension uses: 'onednn' or 'aten' (builds the extension)."""
+    return load().gemm_engine()
 
 
 def default_chunk_rows(vocab: int, workspace_mb: Optional[int] = None) -> int:
