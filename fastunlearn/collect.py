@@ -14,15 +14,16 @@ import time
 from pathlib import Path
 
 from .data import DataError, Pair, _field, read_records, read_text
-from .generation import generate_answers
+from .generation import generate_with_status
 
 
 def collect_forget_set(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
                        batch_size: int, progress: bool = True) -> list[Pair]:
-    """(prompt, greedy answer) pairs for ``prompts`` (same order), via ``generate_answers``."""
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, progress=progress, desc="collecting")
-    return [Pair(p, a) for p, a in zip(prompts, answers)]
+    """(prompt, greedy answer) pairs for ``prompts`` (same order). An answer cut off at
+    ``max_new_tokens`` gets ``complete=False`` (trained without a final EOS)."""
+    answers = generate_with_status(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=progress, desc="collecting")
+    return [Pair(p, a, finished) for p, (a, finished) in zip(prompts, answers)]
 
 
 def load_prompts(path: str | os.PathLike, *, column: str = "prompt") -> list[str]:
@@ -48,7 +49,8 @@ def load_prompts(path: str | os.PathLike, *, column: str = "prompt") -> list[str
 
 
 def write_pairs(pairs: list[Pair], path: str | os.PathLike) -> None:
-    """Write ``pairs`` as JSONL ``{"prompt", "answer"}``, atomically (temporary file in the
+    """Write ``pairs`` as JSONL ``{"prompt", "answer"}`` (plus ``"complete": false`` for a
+    cut-off answer), atomically (temporary file in the
     same folder, then rename), so a crash never leaves a half-written forget set.
     """
     p = Path(path)
@@ -57,8 +59,10 @@ def write_pairs(pairs: list[Pair], path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for pr in pairs:
-                f.write(json.dumps({"prompt": pr.prompt, "answer": pr.answer},
-                                   ensure_ascii=False) + "\n")
+                rec = {"prompt": pr.prompt, "answer": pr.answer}
+                if not getattr(pr, "complete", True):
+                    rec["complete"] = False  # cut off: no EOS when trained on
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         # mkstemp creates 0600; give the result the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)

@@ -34,10 +34,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    """One (prompt, answer) example: plain strings, not yet formatted."""
+    """One (prompt, answer) example: plain strings, not yet formatted.
+
+    ``complete`` is False for an answer that was cut off (e.g. a collected answer that hit
+    ``max_new_tokens``): no EOS is appended to it, since the text does not end there.
+    """
 
     prompt: str
     answer: str
+    complete: bool = True
 
 
 @dataclass
@@ -156,12 +161,27 @@ def _field(p: Path, rec: Any, col: str, i: int) -> str:
     return str(val)
 
 
+def _complete(p: Path, rec: Any, i: int) -> bool:
+    """Optional ``complete`` column (written by ``fastunlearn collect`` for cut-off answers)."""
+    val = rec.get("complete", True) if isinstance(rec, dict) else True
+    if isinstance(val, str):  # CSV
+        low = val.strip().lower()
+        if low in ("", "1", "true", "yes"):
+            return True
+        if low in ("0", "false", "no"):
+            return False
+    elif isinstance(val, (bool, int)) and val in (0, 1):
+        return bool(val)
+    raise DataError(f"{p}: row {i} column 'complete' must be true or false, got {val!r}")
+
+
 def load_pairs(path: str | os.PathLike, *, prompt_col: str = "prompt",
                answer_col: str = "answer", limit: int | None = None) -> list[Pair]:
     """(prompt, answer) pairs from a ``.jsonl`` / ``.json`` / ``.csv`` file (also ``.gz``).
 
     Missing / unreadable file, missing column (the message lists the available ones), a null
     value or an empty result raise :class:`DataError`. ``limit`` keeps the first N rows.
+    An optional boolean ``complete`` column marks cut-off answers (see :class:`Pair`).
     """
     p = Path(path)
     if limit is not None and limit < 1:
@@ -169,7 +189,7 @@ def load_pairs(path: str | os.PathLike, *, prompt_col: str = "prompt",
     records = read_records(p)
     if limit is not None:
         records = records[:limit]
-    pairs = [Pair(_field(p, r, prompt_col, i), _field(p, r, answer_col, i))
+    pairs = [Pair(_field(p, r, prompt_col, i), _field(p, r, answer_col, i), _complete(p, r, i))
              for i, r in enumerate(records, 1)]
     if not pairs:
         raise DataError(f"{p}: no rows (empty data set)")
@@ -252,11 +272,13 @@ def _answer_ids(tokenizer, prompt: str, p_ids: list[int], answer: str) -> list[i
 
 
 def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
-                   max_prompt_length: int | None = None) -> tuple[list[int], list[int]]:
+                   max_prompt_length: int | None = None,
+                   add_eos: bool = True) -> tuple[list[int], list[int]]:
     """Token ids and answer-only labels of one example.
 
     Prompt ids come from ``generation.format_prompt`` (chat template or the paper format); the
-    answer follows it and ends with EOS (labelled, so the model learns where answers stop).
+    answer follows it and ends with EOS (labelled, so the model learns where answers stop;
+    ``add_eos=False`` for a cut-off answer that does not end there).
     Returns ``(input_ids, labels)``: two lists of int of equal length <= ``max_length``;
     labels are -100 on prompt tokens and the (unshifted) token ids on the answer.
     Truncation keeps answer tokens: the prompt is cut from the LEFT (to ``max_prompt_length``,
@@ -267,7 +289,7 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
         raise DataError(f"max_length must be >= 2, got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise DataError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-    if tokenizer.eos_token_id is None:
+    if add_eos and tokenizer.eos_token_id is None:
         raise DataError("tokenizer has no EOS token to end answers with")
     if not answer or not answer.strip():
         raise DataError(f"empty answer for prompt {_clip(prompt)!r}")
@@ -275,7 +297,8 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
     a_ids = _answer_ids(tokenizer, prompt, p_ids, answer)
     if not a_ids:
         raise DataError(f"answer tokenizes to nothing for prompt {_clip(prompt)!r}")
-    a_ids = a_ids + [tokenizer.eos_token_id]
+    if add_eos:
+        a_ids = a_ids + [tokenizer.eos_token_id]
     # 1) cut the prompt from the LEFT: its end (the question and the assistant header) is what
     #    conditions the answer. An explicit max_prompt_length is obeyed as given; without one
     #    the prompt yields room to the answer but keeps at least half the window (a question
@@ -303,7 +326,8 @@ def _clip(s: str, n: int = 60) -> str:
 
 def tokenize_pairs(tokenizer, pairs: list[Pair], kind: int, *, max_length: int,
                    max_prompt_length: int | None = None) -> list[Row]:
-    """:func:`format_example` over ``pairs``; every row carries ``kind`` (0/1/2).
+    """:func:`format_example` over ``pairs``; every row carries ``kind`` (0/1/2). EOS ends
+    each answer unless its pair is marked ``complete=False``.
 
     The DataError of a bad pair names its index.
     """
@@ -313,7 +337,8 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], kind: int, *, max_length: int,
     for i, pr in enumerate(pairs):
         try:
             ids, labels = format_example(tokenizer, pr.prompt, pr.answer, max_length=max_length,
-                                         max_prompt_length=max_prompt_length)
+                                         max_prompt_length=max_prompt_length,
+                                         add_eos=getattr(pr, "complete", True))
         except DataError as e:
             raise DataError(f"pair {i}: {e}") from None
         rows.append(Row(ids, labels, kind))

@@ -96,20 +96,33 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
                      batch_size: int = 8, progress: bool = False,
                      desc: str = "generating") -> list[str]:
     """Greedy answers to ``prompts``, one string per prompt (new text only, stripped).
+
+    See :func:`generate_with_status` (which also says whether each answer ended with EOS).
+
+    >>> generate_answers(model, tok, ["What is 2+2?"], max_new_tokens=8)
+    ['4']
+    """
+    return [text for text, _ in generate_with_status(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        progress=progress, desc=desc)]
+
+
+@torch.no_grad()
+def generate_with_status(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
+                         batch_size: int = 8, progress: bool = False,
+                         desc: str = "generating") -> list[tuple[str, bool]]:
+    """Greedy ``(answer, finished)`` per prompt: the new text (stripped) and whether the model
+    ended it with EOS (False: cut off at ``max_new_tokens``).
 
     Batches of ``batch_size`` prompts are LEFT-padded (so every row's last prompt token sits at
     the same position and the KV cache decodes them together); the tokenizer's
     ``padding_side`` and the model's training mode are restored afterwards. A missing pad
     token is set to EOS (:func:`ensure_pad_token`). Input ids: (B, T) int64 on the model's
     device; the result is decoded with ``skip_special_tokens=True``.
-
-    >>> generate_answers(model, tok, ["What is 2+2?"], max_new_tokens=8)
-    ['4']
     """
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, not one string")
@@ -136,7 +149,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
-    answers: list[str] = []
+    answers: list[tuple[str, bool]] = []
     try:
         tokenizer.padding_side = "left"
         for start in range(0, len(prompts), batch_size):
@@ -153,8 +166,9 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=gen_cfg)
             new = out[:, t:].cpu()
-            for row in new:
-                answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+            for row in new.tolist():
+                finished = any(x in eos_ids for x in row)
+                answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
             if bar is not None:
                 bar.update(len(chunk))
     finally:

@@ -34,7 +34,7 @@ def test_load_prompts_errors(tmp_path):
 
 def test_write_pairs_atomic_round_trip(tmp_path):
     out = tmp_path / "sub" / "f.jsonl"
-    pairs = [Pair("p ü", "a\nb"), Pair("q", "r")]
+    pairs = [Pair("p ü", "a\nb"), Pair("q", "r", complete=False)]
     write_pairs(pairs, out)
     assert load_pairs(out) == pairs
     assert sorted(x.name for x in out.parent.iterdir()) == ["f.jsonl"]  # no temp file left
@@ -79,7 +79,7 @@ def test_collect_main_writes_jsonl(tmp_path, tiny_dir, capsys):
     assert "wrote 3 pairs" in capsys.readouterr().out
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == prompts
-    assert set(rows[0]) == {"prompt", "answer"}
+    assert {"prompt", "answer"} <= set(rows[0]) <= {"prompt", "answer", "complete"}
     # the answers are the model's own greedy answers
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -88,6 +88,11 @@ def test_collect_main_writes_jsonl(tmp_path, tiny_dir, capsys):
     assert [r["answer"] for r in rows] == [p.answer for p in want]
     assert want[0].answer == generate_answers(model, tok, prompts[:1], max_new_tokens=6)[0]
     assert any(r["answer"] for r in rows)
+    # answers cut off at max_new_tokens are marked, and the mark survives loading
+    cut = [not p.complete for p in want]
+    assert [r.get("complete", True) is False for r in rows] == cut
+    assert [not p.complete for p in load_pairs(out)] == cut
+    assert any(cut)
 
 
 def test_collect_main_limit_and_errors(tmp_path, tiny_dir, capsys):

@@ -92,6 +92,17 @@ def test_no_answer_token_left_is_an_error():
         format_example(tok, "q" * 100, "answer", max_length=32, max_prompt_length=32)
 
 
+def test_cut_off_answer_gets_no_eos():
+    tok = tiny_tokenizer(chat_template=True)
+    ids, labels = format_example(tok, "Q?", "half an ans", max_length=64, add_eos=False)
+    assert tok.decode([x for x in labels if x != IGNORE]) == "half an ans"
+    assert labels[-1] != tok.eos_token_id
+    rows = tokenize_pairs(tok, [Pair("Q?", "half an ans", complete=False), Pair("Q?", "done")],
+                          0, max_length=64)
+    assert rows[0].labels[-1] != tok.eos_token_id and rows[1].labels[-1] == tok.eos_token_id
+    assert Pair("a", "b") == Pair("a", "b", True)  # complete defaults to True
+
+
 @pytest.mark.parametrize("answer", ["", "   "])
 def test_empty_answer_is_an_error(answer):
     tok = tiny_tokenizer()
@@ -162,6 +173,17 @@ def test_load_pairs_formats(tmp_path):
     assert load_pairs(jl, limit=1) == want[:1]
     q = _write(tmp_path / "q.jsonl", json.dumps({"q": "p", "a": "x"}))
     assert load_pairs(q, prompt_col="q", answer_col="a") == [Pair("p", "x")]
+
+
+def test_load_pairs_complete_column(tmp_path):
+    jl = _write(tmp_path / "c.jsonl", json.dumps({"prompt": "p", "answer": "a", "complete": False})
+                + "\n" + json.dumps({"prompt": "q", "answer": "b"}))
+    assert [p.complete for p in load_pairs(jl)] == [False, True]
+    cs = _write(tmp_path / "c.csv", "prompt,answer,complete\np,a,false\nq,b,True\n")
+    assert [p.complete for p in load_pairs(cs)] == [False, True]
+    bad = _write(tmp_path / "bad.csv", "prompt,answer,complete\np,a,maybe\n")
+    with pytest.raises(DataError, match="row 1 column 'complete'"):
+        load_pairs(bad)
 
 
 def test_load_pairs_errors(tmp_path):
@@ -243,6 +265,7 @@ def test_recipe_extras():
     assert len(c.extra["book_forget_heldout"]) == 4
     assert all(s not in forget_text for s in c.extra["book_forget_heldout"])
     assert "Gutenberg" not in forget_text  # header / footer stripped
+    assert not any(p.complete for p in c.forget)  # windows stop mid-text: no EOS
     hal = load_recipe("hallucination", n_heldout=5)
     assert len(hal.extra["halueval"]) == 5
     assert {"question", "knowledge", "right_answer", "hallucinated_answer"} <= set(

@@ -2,7 +2,12 @@
 import pytest
 import torch
 
-from fastunlearn.generation import encode_prompt, format_prompt, generate_answers
+from fastunlearn.generation import (
+    encode_prompt,
+    format_prompt,
+    generate_answers,
+    generate_with_status,
+)
 from tests.tiny_model import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["Hi?", "How do I make a cake, please?", "x", "What is the capital of France?"]
@@ -19,17 +24,19 @@ def sharp_llama(seed: int = 1):
     return model
 
 
-def greedy_no_cache(model, tok, prompt: str, max_new_tokens: int) -> str:
-    """Reference decoder: full forward per step, no KV cache, no padding."""
+def greedy_no_cache(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+    """Reference decoder: full forward per step, no KV cache, no padding.
+    Returns (text, finished with EOS)."""
     ids = torch.tensor([encode_prompt(tok, prompt)])
-    new = []
+    new, finished = [], False
     for _ in range(max_new_tokens):
         nxt = int(model(input_ids=ids).logits[0, -1].argmax())
         if nxt == tok.eos_token_id:
+            finished = True
             break
         new.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return tok.decode(new, skip_special_tokens=True).strip()
+    return tok.decode(new, skip_special_tokens=True).strip(), finished
 
 
 def test_format_prompt_paper_format():
@@ -56,9 +63,13 @@ def test_batched_left_padding_equals_one_by_one(chat):
 def test_generation_is_greedy_new_text_only():
     tok = tiny_tokenizer(chat_template=True)
     model = sharp_llama(seed=2)
-    got = generate_answers(model, tok, PROMPTS[:3], max_new_tokens=8, batch_size=2)
-    want = [greedy_no_cache(model, tok, p, 8) for p in PROMPTS[:3]]
+    with torch.no_grad():  # a likelier EOS: some answers stop, others hit max_new_tokens
+        model.lm_head.weight[tok.eos_token_id] *= 2.0
+    got = generate_with_status(model, tok, PROMPTS, max_new_tokens=8, batch_size=2)
+    want = [greedy_no_cache(model, tok, p, 8) for p in PROMPTS]
     assert got == want
+    assert {f for _, f in got} == {True, False}  # both an EOS stop and a cut-off occur
+    assert generate_answers(model, tok, PROMPTS, max_new_tokens=8) == [t for t, _ in want]
 
 
 def test_restores_padding_side_and_training_mode_and_sets_missing_pad():

@@ -29,7 +29,9 @@ def book_passages(name: str) -> list[Pair]:
     """(prefix, continuation) windows over a bundled book's words."""
     words = strip_gutenberg(read_text(data_file(name))).split()
     n = PROMPT_WORDS + ANSWER_WORDS
-    return [Pair(" ".join(words[i:i + PROMPT_WORDS]), " ".join(words[i + PROMPT_WORDS:i + n]))
+    # complete=False: a window stops mid-text, so no EOS is trained after it.
+    return [Pair(" ".join(words[i:i + PROMPT_WORDS]), " ".join(words[i + PROMPT_WORDS:i + n]),
+                 complete=False)
             for i in range(0, len(words) - n + 1, n)]
 
 
