@@ -256,7 +256,11 @@ def unlearn_loss_fwd(hidden, weight, labels, kind, ref_hidden=None, ref_weight=N
     labels = labels.long()
     kind = kind.long()
     # key: 0 forget, 1 mismatch, 2 normal (with a reference), 3 ignored
-    valid = (labels != ignore_index) & (kind >= 0) & (kind <= (2 if has_ref else 1))
+    vocab = weight.shape[0]
+    # labels outside [0, V) and unknown kinds count as ignored: checking them on the host
+    # would synchronise, and the kernel must never read outside its row
+    valid = ((labels != ignore_index) & (labels >= 0) & (labels < vocab) & (kind >= 0)
+             & (kind <= (2 if has_ref else 1)))
     key = torch.where(valid, kind, KIND_IGNORED)
     counts4 = (key[None, :] == torch.arange(4, device=dev)[:, None]).sum(1)
     counts = counts4[:3]
@@ -301,17 +305,18 @@ def unlearn_loss_fwd(hidden, weight, labels, kind, ref_hidden=None, ref_weight=N
 
 # ----------------------------------------------------------------------------- token stats
 
-def _token_plan(hidden, labels, ignore_index, num_valid, sync):
-    valid = labels.long() != ignore_index
+def _token_plan(hidden, labels, vocab, ignore_index, num_valid, sync):
+    labels = labels.long()
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < vocab)  # see unlearn_loss_fwd
     key = (~valid).long()
     perm = torch.argsort(key, stable=True)
     n_valid_dev = valid.sum().reshape(1)
     host = _host_or_padded(n_valid_dev, None if num_valid is None else (num_valid,), sync)
-    key_s = key[perm]
-    y_s = torch.where(key_s == 1, 0, labels.long()[perm])
-    if host is None:
-        return perm, hidden.shape[0], y_s, None, key_s == 0
-    return perm, int(host[0]), y_s, 0, None
+    valid_s = key[perm] == 0
+    y_s = torch.where(valid_s, labels[perm], 0)
+    if host is None:  # no sync: every row, the reference only on valid ones
+        return perm, hidden.shape[0], y_s, valid_s, None, valid_s
+    return perm, int(host[0]), y_s, valid_s, 0, None
 
 
 def token_stats_fwd(hidden, weight, labels, ref_hidden=None, ref_weight=None, *, bias=None,
@@ -322,13 +327,13 @@ def token_stats_fwd(hidden, weight, labels, ref_hidden=None, ref_weight=None, *,
     _check_dtypes(hidden, weight)
     bt = hidden.shape[0]
     dev = hidden.device
-    perm, n_rows, y_s, ref_start, ref_rowmask = _token_plan(hidden, labels, ignore_index,
-                                                             num_valid, sync)
+    perm, n_rows, y_s, valid_s, ref_start, ref_rowmask = _token_plan(
+        hidden, labels, weight.shape[0], ignore_index, num_valid, sync)
     row_nll, row_kl, row_ref_nll, *_ = _chunk_loop(
         hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, None, None,
         ref_start=ref_start, ref_rowmask=ref_rowmask, bias=bias, ref_bias=ref_bias,
         softcap=softcap, write_grad=False, chunk_rows=chunk_rows, want_ref_nll=True)
-    valid_s = (labels.long()[perm[:n_rows]] != ignore_index)
+    valid_s = valid_s[:n_rows]
     zero = torch.zeros((), device=dev, dtype=torch.float32)
     logp = torch.zeros(bt, device=dev, dtype=torch.float32)
     logp_ref = torch.zeros(bt, device=dev, dtype=torch.float32)
@@ -353,9 +358,8 @@ def token_stats_bwd(grad_logp, grad_kl, hidden, weight, labels, ref_hidden=None,
     _check_dtypes(hidden, weight)
     bt, h_dim = hidden.shape
     dev = hidden.device
-    perm, n_rows, y_s, ref_start, ref_rowmask = _token_plan(hidden, labels, ignore_index,
-                                                             num_valid, sync)
-    valid_s = (labels.long()[perm] != ignore_index)
+    perm, n_rows, y_s, valid_s, ref_start, ref_rowmask = _token_plan(
+        hidden, labels, weight.shape[0], ignore_index, num_valid, sync)
     gl = (torch.zeros(bt, device=dev) if grad_logp is None else grad_logp.float())[perm]
     gk = (torch.zeros(bt, device=dev) if grad_kl is None or ref_hidden is None
           else grad_kl.float())[perm]
