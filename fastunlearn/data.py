@@ -250,8 +250,9 @@ def make_mismatch(forget: list[Pair], normal: list[Pair], seed: int) -> list[Pai
     if not normal:
         raise DataError("make_mismatch: the normal set is empty")
     rng = random.Random(seed)
-    answers = [p.answer for p in normal]
-    return [Pair(f.prompt, answers[rng.randrange(len(answers))]) for f in forget]
+    # The drawn answer keeps its own `complete` mark (a cut-off book window stays cut off).
+    return [Pair(f.prompt, n.answer, n.complete)
+            for f in forget for n in [normal[rng.randrange(len(normal))]]]
 
 
 # --------------------------------------------------------------------------- tokenization

@@ -293,5 +293,7 @@ def test_make_mismatch_seeded_from_normal_answers():
     answers = {p.answer for p in normal}
     assert all(p.answer in answers for p in m1)
     assert len({p.answer for p in m1}) > 1  # drawn at random, not one constant answer
+    cut = make_mismatch(forget, [Pair("q", "window", complete=False)], seed=0)
+    assert not any(p.complete for p in cut)
     with pytest.raises(DataError, match="normal set is empty"):
         make_mismatch(forget, [], seed=0)
