@@ -88,6 +88,7 @@ def liger_fn():
 
 def floor_fn(hidden, weight, ref_hidden, ref_weight, n_normal):
     """The matrix products of the fused loss alone (gradients in the forward)."""
+
     def run():
         with torch.no_grad():
             z = hidden @ weight.T
@@ -122,23 +123,28 @@ def run_shape(shape, providers, dtype, device, args, meta):
     weight.requires_grad_()
     n_normal = int((kind == 2).sum())
     idx = tuple((kind == k).nonzero().squeeze(1) for k in range(3))
-    rows, results = [], {}
+    rows, naive = [], None
+
+    def backward(loss):
+        loss.backward()
+        return loss.detach()
 
     def fwd_bwd(p):
+        """A closure running forward + backward and returning the detached loss."""
         if p == "naive":
-            return lambda: naive_loss(hidden, weight, labels, kind, ref_hidden,
-                                      ref_weight).backward()
+            return lambda: backward(naive_loss(hidden, weight, labels, kind, ref_hidden,
+                                               ref_weight))
         if p == "compile":
             c = torch.compile(naive_loss)
-            return lambda: c(hidden, weight, labels, kind, ref_hidden, ref_weight).backward()
+            return lambda: backward(c(hidden, weight, labels, kind, ref_hidden, ref_weight))
         if p == "liger":
             fn = liger_fn()
-            return lambda: fn(hidden, weight, labels, kind, ref_hidden, ref_weight,
-                              idx).backward()
+            return lambda: backward(fn(hidden, weight, labels, kind, ref_hidden, ref_weight,
+                                       idx))
         if p == "floor":
             return floor_fn(hidden, weight, ref_hidden, ref_weight, n_normal)
-        return lambda: unlearn_loss(hidden, weight, labels, kind, ref_hidden, ref_weight,
-                                    backend=p, **EPS).loss.backward()
+        return lambda: backward(unlearn_loss(hidden, weight, labels, kind, ref_hidden,
+                                             ref_weight, backend=p, **EPS).loss)
 
     for p in providers:
         row = {"shape": shape, "provider": p, "dtype": str(dtype).replace("torch.", ""),
@@ -154,9 +160,16 @@ def run_shape(shape, providers, dtype, device, args, meta):
         try:
             fn = fwd_bwd(p)
             hidden.grad = weight.grad = None
-            fn()  # first call: compile / autotune, and the outputs for the error column
+            loss = fn()  # first call: compile / autotune, and the outputs for the errors
             if p != "floor":
-                results[p] = (hidden.grad.float().clone(), weight.grad.float().clone())
+                got = (loss.float(), hidden.grad.float(), weight.grad.float())
+                if p == "naive":
+                    naive = got  # kept on the device for the other providers' errors
+                if naive is not None:
+                    row["rel_err_vs_naive"] = max(
+                        float((a - b).norm() / b.norm().clamp(min=1e-30))
+                        for a, b in zip(got, naive))
+                del got
             hidden.grad = weight.grad = None
             row["peak_gib"] = peak_gib_above(fn, device)
             hidden.grad = weight.grad = None
@@ -174,15 +187,10 @@ def run_shape(shape, providers, dtype, device, args, meta):
             torch.cuda.empty_cache()
 
     floor = next((r["ms_p50"] for r in rows if r["provider"] == "floor"), None)
-    naive = results.get("naive")
     for r in rows:
         r["floor_ms"] = floor
         if floor and r["ms_p50"]:
             r["ratio_to_floor"] = r["ms_p50"] / floor
-        got = results.get(r["provider"])
-        if naive is not None and got is not None:
-            errs = [float((a - b).norm() / b.norm().clamp(min=1e-30)) for a, b in zip(got, naive)]
-            r["rel_err_vs_naive"] = max(errs)
     return rows
 
 
