@@ -285,7 +285,16 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
     Truncation keeps answer tokens: the prompt is cut from the LEFT (to ``max_prompt_length``,
     or to what leaves room), then the answer from the right. DataError when no answer token
     remains (e.g. an empty answer).
+
+    >>> ids, labels = format_example(tok, "2+2?", "4", max_length=64)   # paper format
+    >>> tok.decode(ids)
+    '### Question: 2+2?\n ### Answer: 4</s>'
+    >>> tok.decode([t for t in labels if t != -100])
+    ' 4</s>'
     """
+    if not isinstance(prompt, str) or not isinstance(answer, str):
+        raise DataError(f"prompt and answer must be strings, got {type(prompt).__name__} and "
+                        f"{type(answer).__name__}")
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
