@@ -4,7 +4,8 @@ Providers: naive (logits materialised, torch ops), compile (naive under torch.co
 (Liger-Kernel fused linear CE twice + fused linear JSD with beta 0; optional), the registered
 backends chunked / triton / cuda / cpp (via ``unlearn_loss(..., backend=name)``), and floor
 (the matrix products alone: policy logits, dX and dW on all rows, reference logits on the
-normal rows). JSON rows go to benchmarks/results/bench_loss_<device>.json and to $OUT.
+normal rows), and rows (the Triton row kernel alone over the triton backend's chunks: the
+non-GEMM part of its time). JSON rows go to benchmarks/results/bench_loss_<device>.json and to $OUT.
 
     python benchmarks/bench_loss.py                      # the issue's four shapes (GPU)
     python benchmarks/bench_loss.py --quick              # fewer repetitions
@@ -41,7 +42,8 @@ from fastunlearn.losses.registry import get_backend  # noqa: E402
 
 GPU_SHAPES = ["8192x576x49152", "8192x2048x128256", "8192x4096x128256", "32768x4096x128256"]
 CPU_SHAPES = ["96x32x500", "192x64x1000"]
-ALL_PROVIDERS = ["naive", "compile", "liger", "chunked", "triton", "cuda", "cpp", "floor"]
+ALL_PROVIDERS = ["naive", "compile", "liger", "chunked", "triton", "cuda", "cpp", "floor",
+                 "rows"]
 EPS = dict(eps_forget=0.5, eps_mismatch=1.0, eps_normal=1.0)
 
 
@@ -99,9 +101,36 @@ def floor_fn(hidden, weight, ref_hidden, ref_weight, n_normal):
     return run
 
 
+def rows_fn(hidden, weight, labels, kind, ref_hidden):
+    """The Triton row kernel alone, over the same chunks as the triton backend (logits already
+    in the workspace): the part of the triton provider's time that is not GEMM."""
+    from fastunlearn.triton_kernels import fused_loss as fl
+    from fastunlearn.triton_kernels.unlearn_rows import unlearn_rows_fwd
+
+    dev = hidden.device
+    n, (vocab, h_dim) = hidden.shape[0], weight.shape
+    chunk = fl.default_chunk_rows(vocab, h_dim, weight.element_size(), dev.type)
+    n_nll = int((kind != 2).sum())
+    segs = fl._segments(n, chunk, True, n_nll)
+    ws = torch.randn(chunk, vocab, device=dev).to(weight.dtype)
+    y = labels.clamp(0, vocab - 1)
+    coef = torch.full((n,), 1.0 / n, device=dev)
+    ar = torch.arange(chunk, device=dev, dtype=torch.int32)
+
+    def run():
+        for s, e, with_ref in segs:
+            c = e - s
+            unlearn_rows_fwd(ws[:c], y[s:e], ws[c:2 * c] if with_ref else None,
+                             ar[:c] if with_ref else None, coef[s:e], coef[s:e])
+    return run
+
+
 def provider_available(name, device):
     if name in ("naive", "floor"):
         return True, ""
+    if name == "rows":
+        return get_backend("triton") is not None and get_backend("triton").available(
+            device.type)[0], "needs the triton backend"
     if name == "compile":
         return device.type == "cuda", "cuda only (inductor compile time on cpu)"
     if name == "liger":
@@ -143,6 +172,8 @@ def run_shape(shape, providers, dtype, device, args, meta):
                                        idx))
         if p == "floor":
             return floor_fn(hidden, weight, ref_hidden, ref_weight, n_normal)
+        if p == "rows":
+            return rows_fn(hidden, weight, labels, kind, ref_hidden)
         return lambda: backward(unlearn_loss(hidden, weight, labels, kind, ref_hidden,
                                              ref_weight, backend=p, **EPS).loss)
 
@@ -150,7 +181,7 @@ def run_shape(shape, providers, dtype, device, args, meta):
         row = {"shape": shape, "provider": p, "dtype": str(dtype).replace("torch.", ""),
                **meta, "ms_p50": None, "ms_p20": None, "ms_p80": None, "peak_gib": None,
                "floor_ms": None, "ratio_to_floor": None, "rel_err_vs_naive": None,
-               "backend": p if p not in ("naive", "compile", "liger", "floor") else None,
+               "backend": p if p not in ("naive", "compile", "liger", "floor", "rows") else None,
                "error": None}
         ok, why = provider_available(p, device)
         if not ok:
@@ -161,7 +192,7 @@ def run_shape(shape, providers, dtype, device, args, meta):
             fn = fwd_bwd(p)
             hidden.grad = weight.grad = None
             loss = fn()  # first call: compile / autotune, and the outputs for the errors
-            if p != "floor":
+            if p not in ("floor", "rows"):
                 got = (loss.float(), hidden.grad.float(), weight.grad.float())
                 if p == "naive":
                     naive = got  # kept on the device for the other providers' errors

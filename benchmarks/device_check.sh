@@ -59,7 +59,7 @@ fi
 
 # 2. benchmark (quick mode: fewer repetitions)
 step bench 200 "$PY" benchmarks/bench_loss.py --quick "${SHAPES[@]}" \
-    --providers naive,liger,chunked,triton,cuda,cpp,floor
+    --providers naive,liger,chunked,triton,cuda,cpp,floor,rows
 
 # 3. torch.compile baseline on the two smaller shapes (compile time is the cost)
 step bench_compile 80 "$PY" benchmarks/bench_loss.py --quick "${COMPILE_SHAPES[@]}" \
