@@ -229,3 +229,37 @@ def test_cpp_bad_python_arguments():
         cpp_backend.cpp_unlearn_loss(h, w, y, k, rh, rw, softcap=-1.0, **kw)
     with pytest.raises(ValueError, match="chunk_rows"):
         cpp_backend.cpp_unlearn_loss(h, w, y, k, rh, rw, chunk_rows=-3, **kw)
+
+
+# ---- the JIT build helper ----
+
+def test_build_failure_reports_compiler_output(tmp_path, monkeypatch):
+    from fastunlearn.losses._build import ExtensionBuildError, load_extension
+
+    monkeypatch.setenv("FASTUNLEARN_BUILD_DIR", str(tmp_path / "cache"))
+    (tmp_path / "broken.cpp").write_text("int f() { return undefined_symbol_xyz; }\n")
+    with pytest.raises(ExtensionBuildError, match="fu_test_broken") as info:
+        load_extension("fu_test_broken", ["broken.cpp"], source_dir=tmp_path)
+    assert "undefined_symbol_xyz" in str(info.value)  # the compiler's own message
+    logs = list((tmp_path / "cache").glob("fu_test_broken-*/build_error.log"))
+    assert logs and "undefined_symbol_xyz" in logs[0].read_text()
+    # the failure is cached for the process: no second compile
+    with pytest.raises(ExtensionBuildError):
+        load_extension("fu_test_broken", ["broken.cpp"], source_dir=tmp_path)
+
+
+def test_build_without_ninja_uses_setuptools_and_no_build_switch(tmp_path, monkeypatch):
+    from fastunlearn.losses._build import ExtensionBuildError, load_extension
+
+    monkeypatch.setenv("FASTUNLEARN_BUILD_DIR", str(tmp_path / "cache"))
+    (tmp_path / "tiny.cpp").write_text(
+        "#include <pybind11/pybind11.h>\n"
+        "int twice(int x) { return 2 * x; }\n"
+        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"twice\", &twice); }\n")
+    monkeypatch.setenv("FASTUNLEARN_NO_BUILD", "1")
+    with pytest.raises(ExtensionBuildError, match="FASTUNLEARN_NO_BUILD"):
+        load_extension("fu_test_tiny_nobuild", ["tiny.cpp"], source_dir=tmp_path)
+    monkeypatch.delenv("FASTUNLEARN_NO_BUILD")
+    monkeypatch.setenv("FASTUNLEARN_BUILD_BACKEND", "setuptools")
+    mod = load_extension("fu_test_tiny", ["tiny.cpp"], source_dir=tmp_path)
+    assert mod.twice(21) == 42

@@ -32,6 +32,8 @@ def _nvcc():
 
 
 def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
     from fastunlearn.losses.cuda_backend import cuda_arch_flags
 
     nvcc = _nvcc()
@@ -39,7 +41,8 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
         pytest.skip("nvcc not found: cannot compile the CUDA sources here")
     src = csrc_dir() / "unlearn_loss_kernels.cu"
     cmd = [nvcc, "-std=c++17", "-O3", "-c", str(src), "-o", str(tmp_path / "k.o"),
-           *cuda_arch_flags(), "-Xcompiler", "-Wall", "-Werror", "all-warnings"]
+           *cuda_arch_flags(), *COMMON_NVCC_FLAGS,  # torch's flags (no half operators, ...)
+           "-Xcompiler", "-Wall", "-Werror", "all-warnings"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, f"nvcc failed:\n{proc.stdout}\n{proc.stderr}"
     assert (tmp_path / "k.o").stat().st_size > 0

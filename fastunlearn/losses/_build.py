@@ -12,6 +12,7 @@ Environment:
     FASTUNLEARN_NO_BUILD=1  never compile: only load an extension that is already built
     FASTUNLEARN_CPU_FLAGS   extra C++ flags for the CPU backend (default ``-march=native``)
     FASTUNLEARN_VERBOSE_BUILD=1  stream the compiler output
+    FASTUNLEARN_BUILD_BACKEND=setuptools  build with setuptools even when ninja is present
 """
 from __future__ import annotations
 
@@ -141,8 +142,9 @@ def _setuptools_build(name, sources, build_dir, cflags, cuda_cflags, ldflags, wi
 
 def load_extension(name: str, sources: list[str], *, cflags: list[str] | None = None,
                    cuda_cflags: list[str] | None = None, ldflags: list[str] | None = None,
-                   with_cuda: bool = False):
-    """Compile (first time) and import the extension ``name`` built from ``csrc/<sources>``.
+                   with_cuda: bool = False, source_dir: str | Path | None = None):
+    """Compile (first time) and import the extension ``name`` built from ``csrc/<sources>``
+    (or ``source_dir/<sources>``).
 
     The result, or the failure, is cached for the process; the build itself is cached on disk.
     Raises ExtensionBuildError with the compiler output when the build fails.
@@ -154,7 +156,7 @@ def load_extension(name: str, sources: list[str], *, cflags: list[str] | None = 
             raise ExtensionBuildError(_FAILED[name])
         try:
             module = _load_uncached(name, sources, cflags or [], cuda_cflags or [],
-                                    ldflags or [], with_cuda)
+                                    ldflags or [], with_cuda, source_dir)
         except ExtensionBuildError as exc:
             _FAILED[name] = str(exc)
             raise
@@ -162,8 +164,8 @@ def load_extension(name: str, sources: list[str], *, cflags: list[str] | None = 
         return module
 
 
-def _load_uncached(name, sources, cflags, cuda_cflags, ldflags, with_cuda):
-    srcs = [csrc_dir() / s for s in sources]
+def _load_uncached(name, sources, cflags, cuda_cflags, ldflags, with_cuda, source_dir):
+    srcs = [Path(source_dir or csrc_dir()) / s for s in sources]
     missing = [str(s) for s in srcs if not s.is_file()]
     if missing:
         raise ExtensionBuildError(f"extension {name!r}: missing sources {missing}")
@@ -189,7 +191,7 @@ def _load_uncached(name, sources, cflags, cuda_cflags, ldflags, with_cuda):
             has_ninja = False
     else:
         has_ninja = True
-    if not has_ninja:
+    if not has_ninja or os.environ.get("FASTUNLEARN_BUILD_BACKEND") == "setuptools":
         return _setuptools_build(name, srcs, build_dir, cflags, cuda_cflags, ldflags, with_cuda)
     try:
         return cpp_extension.load(
