@@ -2,4 +2,11 @@
 
 Kernels and launchers only (tensors in, tensors out). Importing this package does not import
 Triton; each kernel module does, so a machine without Triton can still import fastunlearn.
+
+Modules:
+    unlearn_rows  the row kernel (online softmax of policy and reference logits, NLL, KL,
+                  d loss / d logits in place) and its launcher ``unlearn_rows_fwd``
+    fused_loss    the chunk loop around cuBLAS: ``unlearn_loss_fwd`` (loss + gradients) and
+                  ``token_stats_fwd`` / ``token_stats_bwd`` (per-token logp, logp_ref, KL)
+    _variants     loads each kernel module in compiled and in interpreted form (CPU tensors)
 """
