@@ -135,6 +135,18 @@ def test_cuda_driver_bias_softcap_and_edge_cases():
         _driver(h, w, bad, k, rh, rw)
 
 
+def test_cuda_driver_bf16_dtypes():
+    h, w, y, k, rh, rw = make_case(40, 16, 90, dtype=torch.float32, seed=8)
+    hb, wb, rhb = h.bfloat16(), w.bfloat16(), rh.bfloat16()
+    loss, terms, _c, dx, dw, _db = _driver(hb, wb, y, k, rhb, None, chunk_rows=16)
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32 and loss.dtype == torch.float32
+    hd, wd = hb.double().requires_grad_(), wb.double().requires_grad_()
+    ref = unlearn_loss_ref(hd, wd, y, k, rhb.double())
+    ref.loss.backward()
+    torch.testing.assert_close(loss.double(), ref.loss.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw.double(), wd.grad, rtol=5e-2, atol=5e-3)
+
+
 def test_cuda_backend_rejects_cpu_tensors():
     from fastunlearn.losses.cuda_backend import cuda_unlearn_loss
 

@@ -61,20 +61,24 @@ def default_chunk_rows(vocab: int, itemsize: int = 2, workspace_mb: Optional[int
 
 
 def _addmm_fp32(dw: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
-    """dw (fp32) (+)= a @ b with a, b in bf16 / fp16, accumulated in fp32 inside the GEMM."""
+    """dw (fp32) (+)= a @ b; for bf16 / fp16 a, b the GEMM accumulates and writes fp32."""
     if a.dtype == torch.float32:
         if first:
             torch.mm(a, b, out=dw)
         else:
             dw.addmm_(a, b)
         return
-    try:  # torch >= 2.8: cuBLAS writes fp32 from half-precision inputs (beta folds the sum)
-        torch.addmm(dw, a, b, out_dtype=torch.float32, beta=0.0 if first else 1.0, out=dw)
-    except (TypeError, RuntimeError):  # older torch or no kernel: half GEMM, fp32 sum
+    try:  # torch >= 2.8 on CUDA: mm with out_dtype (addmm's out_dtype needs self in bf16)
         if first:
-            dw.copy_(torch.mm(a, b))
+            torch.mm(a, b, out_dtype=torch.float32, out=dw)
         else:
-            dw.add_(torch.mm(a, b))
+            dw.add_(torch.mm(a, b, out_dtype=torch.float32))
+    except (TypeError, RuntimeError):  # older torch: half-precision GEMM output, fp32 sum
+        part = torch.mm(a, b)
+        if first:
+            dw.copy_(part)
+        else:
+            dw.add_(part)
 
 
 def row_pass_reference(z, zr, labels, scale, hc, w, bias, ref_bias, softcap, ref_start):
