@@ -329,3 +329,13 @@ def test_unlearn_op_opcheck_and_function_fallback(monkeypatch):
     monkeypatch.setattr(tb, "_unlearn_op", None)
     via_fn = _run(_tri(y, k, rh, rw, chunk_rows=4), h, w, g=2.0)
     _assert_match(via_fn[0], via_op[0], via_fn[1:], via_op[1:], grad_rtol=1e-6)
+
+
+def test_vocab_above_65536(monkeypatch):
+    """V > 65536 (Llama-3 style vocabularies), several 4096-wide tiles per row."""
+    monkeypatch.setenv("FASTUNLEARN_TRITON_BLOCK_V", "4096")
+    h, w, y, k, rh, rw = make_case(6, 4, 70001, dtype=torch.float32, seed=31, ignore_frac=0.0)
+    y[0] = 70000  # the last column, in the partial last tile
+    ref = _run(_ref(h, w, y, k, rh, rw), h, w)
+    got = _run(_tri(y, k, rh, rw, chunk_rows=4), h, w)
+    _assert_match(got[0], ref[0], got[1:], ref[1:])

@@ -30,7 +30,7 @@ def _grads(h, w, y, k, rh, rw, double=False, **kw):
     return out, h.grad, w.grad
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(bt=st.integers(1, 12), h=st.integers(1, 9), v=st.integers(2, 50),
        seed=st.integers(0, 2**16), log_scale=st.floats(-1.0, 4.0),
        softcap=st.sampled_from([None, 20.0]), chunk=st.integers(1, 8))

@@ -40,8 +40,9 @@ from ._variants import load_variant
 
 
 # tl.max / tl.sum are themselves @triton.jit functions of Triton's standard library, fixed
-# at Triton's import time in compiled or interpreted form; tl.reduce with our own combine
-# functions works in both kernel variants (see _variants.py).
+# at Triton's import time in compiled or interpreted form, so kernels use tl.reduce (a builtin)
+# directly. The combine functions are the standard library's own when it has them: the
+# interpreter recognises those and reduces with numpy instead of calling them per element.
 @triton.jit
 def _max_combine(a, b):
     return tl.maximum(a, b)
@@ -52,14 +53,18 @@ def _sum_combine(a, b):
     return a + b
 
 
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _max_combine)
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _sum_combine)
+
+
 @triton.jit
 def _rmax(x):
-    return tl.reduce(x, 0, _max_combine)
+    return tl.reduce(x, 0, _MAX_COMBINE)
 
 
 @triton.jit
 def _rsum(x):
-    return tl.reduce(x, 0, _sum_combine)
+    return tl.reduce(x, 0, _SUM_COMBINE)
 
 
 @triton.jit
