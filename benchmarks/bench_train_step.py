@@ -373,6 +373,8 @@ def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: 
                     row = run_config(**spec)
                 except torch.cuda.OutOfMemoryError as exc:
                     row = {"error": "OOM: " + str(exc).splitlines()[0][:160]}
+                except Exception as exc:  # one failing config must not lose the others
+                    row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
                 finally:
                     gc.collect()
                     if device.startswith("cuda"):
