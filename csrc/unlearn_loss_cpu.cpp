@@ -208,14 +208,15 @@ void check_cpu(const at::Tensor& t, const char* name) {
 }  // namespace
 
 // Returns {loss (), terms (3) fp32, counts (3) int64, dX (BT, H) in hidden's dtype,
-//          dW (V, H) fp32, db (V) fp32 or empty} for grad_output = 1.
+//          dW (V, H) fp32, db (V) fp32 or empty} for grad_output = 1. need_dx / need_dw = false
+// (frozen hidden states / frozen head, e.g. LoRA) skip that GEMM and return an empty (0,) tensor.
 std::vector<at::Tensor> forward_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const at::Tensor& kind, const c10::optional<at::Tensor>& ref_hidden_opt,
     const c10::optional<at::Tensor>& ref_weight_opt, const c10::optional<at::Tensor>& bias_opt,
     const c10::optional<at::Tensor>& ref_bias_opt, double eps_forget, double eps_mismatch,
     double eps_normal, double softcap, bool reduction_sum, int64_t ignore_index,
-    int64_t chunk_rows) {
+    int64_t chunk_rows, bool need_dx, bool need_dw) {
   // ---- input checks: one clear line each ----
   check_cpu(hidden, "hidden");
   check_cpu(weight, "weight");
@@ -299,9 +300,10 @@ std::vector<at::Tensor> forward_backward(
     }
 
   const auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor dX = at::zeros({BT, H}, hidden.options());
-  // dW / db are written (beta = 0) by the first chunk: no separate zero-fill pass over (V, H)
-  at::Tensor dW = N > 0 ? at::empty({V, H}, f32) : at::zeros({V, H}, f32);
+  at::Tensor dX = need_dx ? at::zeros({BT, H}, hidden.options()) : at::empty({0}, hidden.options());
+  // dW is written (beta = 0) by the first chunk: no separate zero-fill pass over (V, H)
+  at::Tensor dW = !need_dw ? at::empty({0}, f32)
+                           : (N > 0 ? at::empty({V, H}, f32) : at::zeros({V, H}, f32));
   at::Tensor db = has_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   std::vector<float> val(N, 0.0f);
 
@@ -341,10 +343,12 @@ std::vector<at::Tensor> forward_backward(
                    R, Rn, V};
       pass.run();
       // 4. fold dZ into dX, dW (fp32), db
-      at::Tensor dxc = at::empty({R, H}, f32);
-      gemm(z, W, dxc, 0.0f);
-      dX.index_copy_(0, idx, dxc.to(hidden.scalar_type()));
-      gemm(z.t(), hc, dW, s == 0 ? 0.0f : 1.0f);
+      if (need_dx) {
+        at::Tensor dxc = at::empty({R, H}, f32);
+        gemm(z, W, dxc, 0.0f);
+        dX.index_copy_(0, idx, dxc.to(hidden.scalar_type()));
+      }
+      if (need_dw) gemm(z.t(), hc, dW, s == 0 ? 0.0f : 1.0f);
       if (has_bias) db.add_(z.sum(0));
     }
   }
@@ -392,5 +396,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ref_hidden"), py::arg("ref_weight"), py::arg("bias"), py::arg("ref_bias"),
         py::arg("eps_forget"), py::arg("eps_mismatch"), py::arg("eps_normal"),
         py::arg("softcap"), py::arg("reduction_sum"), py::arg("ignore_index"),
-        py::arg("chunk_rows"));
+        py::arg("chunk_rows"), py::arg("need_dx") = true, py::arg("need_dw") = true);
 }

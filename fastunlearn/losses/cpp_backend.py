@@ -79,20 +79,23 @@ def default_chunk_rows(vocab: int, workspace_mb: Optional[int] = None) -> int:
 
 
 def _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, eps_forget,
-         eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index, chunk_rows):
+         eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index, chunk_rows, need_dx,
+         need_dw):
     return tuple(load().forward_backward(
         hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, float(eps_forget),
         float(eps_mismatch), float(eps_normal), float(softcap), bool(reduction_sum),
-        int(ignore_index), int(chunk_rows)))
+        int(ignore_index), int(chunk_rows), bool(need_dx), bool(need_dw)))
 
 
 def _fake(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, eps_forget,
-          eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index, chunk_rows):
+          eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index, chunk_rows, need_dx,
+          need_dw):
     v, h = weight.shape
     f32 = torch.float32
     return (hidden.new_empty((), dtype=f32), hidden.new_empty((3,), dtype=f32),
-            hidden.new_empty((3,), dtype=torch.int64), hidden.new_empty(hidden.shape),
-            hidden.new_empty((v, h), dtype=f32),
+            hidden.new_empty((3,), dtype=torch.int64),
+            hidden.new_empty(hidden.shape if need_dx else (0,)),
+            hidden.new_empty((v, h) if need_dw else (0,), dtype=f32),
             hidden.new_empty((v,) if bias is not None else (0,), dtype=f32))
 
 
@@ -107,13 +110,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
-        return (None,) * 15
+        return (None,) * 17
     dx, dw, db = ctx.saved_tensors
     g = grad_loss.float()
-    d_hidden = dx * g.to(dx.dtype)
-    d_weight = (dw * g).to(ctx.weight_dtype)
+    # an empty dx / dw means the forward skipped it (input did not require grad)
+    d_hidden = dx * g.to(dx.dtype) if dx.numel() else None
+    d_weight = (dw * g).to(ctx.weight_dtype) if dw.numel() else None
     d_bias = (db * g).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-    return (d_hidden, d_weight, None, None, None, None, d_bias) + (None,) * 8
+    return (d_hidden, d_weight, None, None, None, None, d_bias) + (None,) * 10
 
 
 if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):
@@ -122,10 +126,11 @@ if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_auto
                 ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], bias: Optional[Tensor],
                 ref_bias: Optional[Tensor], eps_forget: float, eps_mismatch: float,
                 eps_normal: float, softcap: float, reduction_sum: bool, ignore_index: int,
-                chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                chunk_rows: int, need_dx: bool, need_dw: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         return _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
                     eps_forget, eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index,
-                    chunk_rows)
+                    chunk_rows, need_dx, need_dw)
 
     _cpp_op.register_fake(_fake)
     torch.library.register_autograd("fastunlearn::cpp_unlearn_loss", _backward,
@@ -147,6 +152,12 @@ else:  # older torch: a plain autograd.Function (no torch.compile support)
 
     def _apply(*args):
         return CppUnlearnLossFunction.apply(*args)
+
+
+def _needs_grad(hidden, weight) -> tuple[bool, bool]:
+    """(need dX, need dW): a frozen head (LoRA) or frozen hidden states skip that GEMM."""
+    on = torch.is_grad_enabled()
+    return on and hidden.requires_grad, on and weight.requires_grad
 
 
 def cpp_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weight=None, *,
@@ -192,7 +203,7 @@ def cpp_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weight=N
     loss, terms, counts, _dx, _dw, _db = _apply(
         hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, float(eps_forget),
         float(eps_mismatch), float(eps_normal), float(softcap or 0.0), reduction == "sum",
-        int(ignore_index), int(rows))
+        int(ignore_index), int(rows), *_needs_grad(hidden, weight))
     terms = terms.detach()
     return LossOutput(loss, terms[0], terms[1], terms[2], counts[0], counts[1], counts[2],
                       backend="cpp")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._build import ExtensionBuildError, load_extension
-from .cpp_backend import _backward, _fake, _setup_context
+from .cpp_backend import _backward, _fake, _needs_grad, _setup_context
 from .registry import Backend, register_backend
 from .types import IGNORE_INDEX, KIND_NORMAL, REDUCTIONS, LossOutput
 
@@ -131,7 +131,8 @@ def _kernel_row_pass(z, zr, labels, scale, hc, w, bias, ref_bias, softcap, ref_s
 
 def cuda_forward_backward(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
                           eps_forget, eps_mismatch, eps_normal, softcap, reduction_sum,
-                          ignore_index, chunk_rows, row_pass=_kernel_row_pass):
+                          ignore_index, chunk_rows, row_pass=_kernel_row_pass, need_dx=True,
+                          need_dw=True):
     """(loss, terms(3), counts(3), dX, dW fp32, db fp32 or empty) for grad_output = 1.
 
     ``row_pass`` is the CUDA kernel; tests pass :func:`row_pass_reference` to run the same
@@ -163,8 +164,10 @@ def cuda_forward_backward(hidden, weight, labels, kind, ref_hidden, ref_weight, 
     scale = sign if reduction_sum else sign / counts.clamp(min=1).float()
     row_scale = scale[kind[order]].contiguous()
 
-    d_hidden = torch.zeros(bt, h_dim, device=device, dtype=hidden.dtype)
-    d_weight = torch.zeros(vocab, h_dim, device=device, dtype=torch.float32)
+    # an empty (0,) gradient means "not needed" (the input does not require grad)
+    d_hidden = torch.zeros((bt, h_dim) if need_dx else (0,), device=device, dtype=hidden.dtype)
+    d_weight = torch.zeros(vocab, h_dim, device=device, dtype=torch.float32) if need_dw \
+        else torch.zeros(0, device=device, dtype=torch.float32)
     d_bias = torch.zeros(vocab, device=device, dtype=torch.float32) if bias is not None \
         else torch.zeros(0, device=device, dtype=torch.float32)
     vals = torch.zeros(n_rows, device=device, dtype=torch.float32)
@@ -194,8 +197,10 @@ def cuda_forward_backward(hidden, weight, labels, kind, ref_hidden, ref_weight, 
             vals[s:s + r] = row_pass(z, zr, lab_v[s:s + r], row_scale[s:s + r], hc, w, b32, rb32,
                                      softcap, r - n_ref)
             # 4. dX, dW (fp32 accumulation), db
-            d_hidden.index_copy_(0, idx, (z @ w).to(hidden.dtype))
-            _addmm_fp32(d_weight, z.t(), hc, first=(s == 0))
+            if need_dx:
+                d_hidden.index_copy_(0, idx, (z @ w).to(hidden.dtype))
+            if need_dw:
+                _addmm_fp32(d_weight, z.t(), hc, first=(s == 0))
             if bias is not None:
                 d_bias += z.sum(0, dtype=torch.float32)
     kind_sorted = torch.cat([torch.full((n,), k, device=device, dtype=torch.long)
@@ -207,14 +212,15 @@ def cuda_forward_backward(hidden, weight, labels, kind, ref_hidden, ref_weight, 
 
 
 def _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, eps_forget,
-         eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index, chunk_rows):
+         eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index, chunk_rows, need_dx,
+         need_dw):
     if hidden.device.type != "cuda":
         raise ValueError(f"the cuda backend needs CUDA tensors, got hidden on {hidden.device}")
     with torch.no_grad():
         return cuda_forward_backward(hidden, weight, labels, kind, ref_hidden, ref_weight, bias,
                                      ref_bias, eps_forget, eps_mismatch, eps_normal,
                                      softcap or None, reduction_sum, ignore_index,
-                                     chunk_rows or None)
+                                     chunk_rows or None, need_dx=need_dx, need_dw=need_dw)
 
 
 if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):
@@ -223,11 +229,11 @@ if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_auto
                  ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
                  bias: Optional[Tensor], ref_bias: Optional[Tensor], eps_forget: float,
                  eps_mismatch: float, eps_normal: float, softcap: float, reduction_sum: bool,
-                 ignore_index: int, chunk_rows: int
+                 ignore_index: int, chunk_rows: int, need_dx: bool, need_dw: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         return _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
                     eps_forget, eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index,
-                    chunk_rows)
+                    chunk_rows, need_dx, need_dw)
 
     _cuda_op.register_fake(_fake)
     torch.library.register_autograd("fastunlearn::cuda_unlearn_loss", _backward,
@@ -285,7 +291,8 @@ def cuda_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weight=
     loss, terms, counts, _dx, _dw, _db = _apply(
         hidden, weight, labels, kind, detach(ref_hidden), detach(ref_weight), bias,
         detach(ref_bias), float(eps_forget), float(eps_mismatch), float(eps_normal),
-        float(softcap or 0.0), reduction == "sum", int(ignore_index), int(chunk_rows or 0))
+        float(softcap or 0.0), reduction == "sum", int(ignore_index), int(chunk_rows or 0),
+        *_needs_grad(hidden, weight))
     terms = terms.detach()
     return LossOutput(loss, terms[0], terms[1], terms[2], counts[0], counts[1], counts[2],
                       backend="cuda")
