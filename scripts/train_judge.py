@@ -18,7 +18,7 @@ BCE, full batch. Writes ``head.safetensors`` + ``metrics.json`` (held-out accura
 precision, recall, per source) to ``--out`` (default: the package's judge folder).
 
     python scripts/train_judge.py                      # full run, ~5 min on 2 CPU cores
-    python scripts/train_judge.py --limit 40 --out /tmp/j   # CI slice
+    python scripts/train_judge.py --sources xstest,jbb --limit 80 --out /tmp/j   # CI slice
 """
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fastunlearn.eval.judge import JUDGE_DIR, JudgeHead, judge_text, save_head  # noqa: E402
+
+
+SOURCES = ("xstest", "jbb", "hh")
 
 
 def default_data_dir() -> Path:
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0,
                     help="keep at most this many examples per source and label (CI slice)")
     ap.add_argument("--hh-limit", type=int, default=600, help="hh-rlhf pairs used")
+    ap.add_argument("--sources", default="xstest,jbb,hh",
+                    help="comma-separated subset of xstest,jbb,hh (default: all)")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=400)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -179,13 +184,24 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.data / "harmful").is_dir():
         print(f"data folder not found: {args.data}", file=sys.stderr)
         return 2
-    rows = load_xstest(args.data) + load_jbb(args.data) + load_hh(args.data, args.hh_limit,
-                                                                  args.seed)
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    bad = set(sources) - set(SOURCES)
+    if bad or not sources:
+        print(f"--sources: unknown {sorted(bad)}; choose from {', '.join(SOURCES)}",
+              file=sys.stderr)
+        return 2
+    rows = []
+    if "xstest" in sources:
+        rows += load_xstest(args.data)
+    if "jbb" in sources:
+        rows += load_jbb(args.data)
+    if "hh" in sources:
+        rows += load_hh(args.data, args.hh_limit, args.seed)
     if args.limit:
         # Balanced slice per (source, label), deterministic.
         rng = random.Random(args.seed)
         kept = []
-        for src in ("xstest", "jbb", "hh"):
+        for src in sources:
             for lab in (0, 1):
                 grp = [r for r in rows if r["source"] == src and r["label"] == lab]
                 rng.shuffle(grp)
@@ -211,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         prob = torch.sigmoid(head(x))
     held = binary_metrics(prob[te], y[te])
     per_source = {}
-    for src in ("xstest", "jbb", "hh"):
+    for src in sources:
         m = te & torch.tensor([r["source"] == src for r in rows])
         if m.any():
             per_source[src] = binary_metrics(prob[m], y[m])
@@ -223,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                  "response)",
         head=dict(in_dim=x.shape[1], hidden=args.hidden),
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("data", "out")},
+              if k not in ("data", "out", "cache")},
         seconds=round(time.time() - t0, 1),
     )
     save_head(head, args.out, meta)

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -94,14 +93,18 @@ def test_hf_classifier_judge(hf_judge_dir):
 @pytest.mark.skipif(not (DATA / "harmful").is_dir(), reason="../shared/data not present")
 def test_train_judge_script_on_slice(tmp_path):
     out = tmp_path / "judge"
-    cmd = [sys.executable, str(REPO / "scripts" / "train_judge.py"), "--limit", "40",
-           "--out", str(out), "--data", str(DATA)]
-    with warnings.catch_warnings():
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(REPO / "scripts" / "train_judge.py"), "--sources", "xstest,jbb",
+           "--limit", "80", "--out", str(out), "--data", str(DATA)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((out / "metrics.json").read_text())
     held = meta["heldout"]
-    # FLOOR
+    # Floor: the slice is balanced per (source, label), so chance / majority is ~0.5 and a
+    # chance-level judge on ~60 held-out examples has a standard deviation of ~0.065; 0.65 is
+    # over two of those above chance. The seeded slice reaches ~0.75 (other seeds 0.64-0.86;
+    # the full-data head reaches 0.87 on these two sources), leaving room for small numeric
+    # differences of MiniLM between machines.
+    assert held["n"] >= 40, held
     assert held["accuracy"] >= 0.65, held
     assert held["accuracy"] >= held["majority_baseline"] + 0.1, held
     assert (out / "head.safetensors").exists()

@@ -186,6 +186,8 @@ class Evaluator:
         m.update(self._text_metrics("harmful", harm))
 
         normal = self._gen(model, self.normal_prompts, "normal prompts")
+        if self.ref is None and self._original_normal is None:
+            self._original_normal = list(normal)  # first run's answers are the originals
         orig = self.original_normal_answers(model) if normal else []
         m["normal_rouge_l"] = _mean(rouge_l(a, o) for a, o in zip(normal, orig))
         m["normal_similarity_cosine"] = None
