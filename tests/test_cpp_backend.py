@@ -280,3 +280,26 @@ def test_build_without_ninja_uses_setuptools_and_no_build_switch(tmp_path, monke
     monkeypatch.setenv("FASTUNLEARN_BUILD_BACKEND", "setuptools")
     mod = load_extension("fu_test_tiny", ["tiny.cpp"], source_dir=tmp_path)
     assert mod.twice(21) == 42
+
+
+def test_build_recovers_from_a_stale_torch_lock(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's 'lock' file; the next build must not wait forever."""
+    import threading
+
+    from fastunlearn.losses import _build
+
+    monkeypatch.setenv("FASTUNLEARN_BUILD_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "tiny2.cpp"
+    src.write_text("#include <pybind11/pybind11.h>\n"
+                   "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"one\", [] { return 1; }); }\n")
+    build_dir = _build._build_dir("fu_test_stale", [src], ["False"])
+    (build_dir / "lock").write_text("")  # left behind by a killed build
+    with pytest.raises(_build.ExtensionBuildError, match="not built yet"):
+        _build.load_extension("fu_test_stale", ["tiny2.cpp"], source_dir=tmp_path, build=False)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(mod=_build.load_extension(
+        "fu_test_stale", ["tiny2.cpp"], source_dir=tmp_path)), daemon=True)
+    t.start()
+    t.join(timeout=240)
+    assert not t.is_alive(), "the build waited on a stale lock"
+    assert result["mod"].one() == 1

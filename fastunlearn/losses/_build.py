@@ -17,6 +17,7 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import importlib.util
 import os
 import platform
@@ -142,18 +143,23 @@ def _setuptools_build(name, sources, build_dir, cflags, cuda_cflags, ldflags, wi
 
 def load_extension(name: str, sources: list[str], *, cflags: list[str] | None = None,
                    cuda_cflags: list[str] | None = None, ldflags: list[str] | None = None,
-                   with_cuda: bool = False, source_dir: str | Path | None = None):
+                   with_cuda: bool = False, source_dir: str | Path | None = None,
+                   build: bool = True):
     """Compile (first time) and import the extension ``name`` built from ``csrc/<sources>``
     (or ``source_dir/<sources>``).
 
     The result, or the failure, is cached for the process; the build itself is cached on disk.
-    Raises ExtensionBuildError with the compiler output when the build fails.
+    Raises ExtensionBuildError with the compiler output when the build fails. ``build=False``
+    only loads an extension that is already built (raises ExtensionBuildError otherwise).
     """
     with _LOCK:
         if name in _CACHE:
             return _CACHE[name]
         if name in _FAILED:
             raise ExtensionBuildError(_FAILED[name])
+        if not build:
+            return _load_uncached(name, sources, cflags or [], cuda_cflags or [], ldflags or [],
+                                  with_cuda, source_dir, build=False)
         try:
             module = _load_uncached(name, sources, cflags or [], cuda_cflags or [],
                                     ldflags or [], with_cuda, source_dir)
@@ -164,22 +170,57 @@ def load_extension(name: str, sources: list[str], *, cflags: list[str] | None = 
         return module
 
 
-def _load_uncached(name, sources, cflags, cuda_cflags, ldflags, with_cuda, source_dir):
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Inter-process lock around a build. flock is released by the kernel when its holder dies,
+    unlike torch's own 'lock' file (FileBaton), which a killed build leaves behind and which makes
+    every later build wait forever; holding this lock, such a file can only be stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on torch's baton alone
+        yield
+        return
+    with open(build_dir / ".fastunlearn_build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                stale.unlink()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _load_uncached(name, sources, cflags, cuda_cflags, ldflags, with_cuda, source_dir,
+                   build=True):
     srcs = [Path(source_dir or csrc_dir()) / s for s in sources]
     missing = [str(s) for s in srcs if not s.is_file()]
     if missing:
         raise ExtensionBuildError(f"extension {name!r}: missing sources {missing}")
     build_dir = _build_dir(name, srcs, cflags + cuda_cflags + ldflags + [str(with_cuda)])
     lib = _built_library(build_dir, name)
+    import_failed = False
     if lib is not None and not (build_dir / "lock").exists():
         try:
             return _import_from(lib, name)
         except Exception:  # stale or partial library: rebuild below
-            if _env_flag("FASTUNLEARN_NO_BUILD"):
+            if _env_flag("FASTUNLEARN_NO_BUILD") or not build:
                 raise
-    if _env_flag("FASTUNLEARN_NO_BUILD"):
-        raise ExtensionBuildError(
-            f"extension {name!r} is not built in {build_dir} and FASTUNLEARN_NO_BUILD=1")
+            import_failed = True
+    if _env_flag("FASTUNLEARN_NO_BUILD") or not build:
+        why = "FASTUNLEARN_NO_BUILD=1" if build else "it builds on first use"
+        raise ExtensionBuildError(f"extension {name!r} is not built yet in {build_dir} ({why})")
+    with _build_lock(build_dir):
+        lib = _built_library(build_dir, name)
+        if lib is not None and not import_failed:  # built by another process meanwhile
+            try:
+                return _import_from(lib, name)
+            except Exception:
+                pass
+        return _compile(name, srcs, build_dir, cflags, cuda_cflags, ldflags, with_cuda)
+
+
+def _compile(name, srcs, build_dir, cflags, cuda_cflags, ldflags, with_cuda):
 
     from torch.utils import cpp_extension
 

@@ -24,15 +24,17 @@ DEFAULT_WORKSPACE_MB = 192
 _GEMM_CHOSEN = False
 
 
-def load():
+def load(build: bool = True):
     """Build (first time) and import the extension; raises ExtensionBuildError on failure.
+
+    ``build=False`` only loads an already built extension (for cheap probes).
 
     On first load the GEMM engine is chosen: FASTUNLEARN_CPP_GEMM=onednn|aten forces one;
     the default ``auto`` uses oneDNN (bundled in libtorch) when it matches at::mm on a self-check.
     """
     global _GEMM_CHOSEN
     flags = ["-O3", "-fopenmp", *cpu_arch_flags()]
-    ext = load_extension(EXT_NAME, SOURCES, cflags=flags, ldflags=["-fopenmp"])
+    ext = load_extension(EXT_NAME, SOURCES, cflags=flags, ldflags=["-fopenmp"], build=build)
     if not _GEMM_CHOSEN:
         _GEMM_CHOSEN = True
         want = os.environ.get("FASTUNLEARN_CPP_GEMM", "auto")
@@ -210,10 +212,12 @@ def cpp_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weight=N
 
 
 def _availability(device_type):
+    """Builds on the first probe for a CPU run (cached on disk); a device-less probe (listing the
+    backends) only reports whether it is already built."""
     if device_type not in (None, "cpu"):
         return False, f"runs on cpu, not {device_type}"
     try:
-        mod = load()
+        mod = load(build=device_type is not None)
     except ExtensionBuildError as exc:
         return False, str(exc).splitlines()[0]
     return True, f"built ({getattr(mod, '__file__', EXT_NAME)})"
