@@ -12,14 +12,15 @@ does not depend on the weights or the text), the first T/4 tokens of every row a
 impl ``paper``: three separate HF forwards with ``labels=`` (forget NLL * -eps_forget, mismatch
 NLL), a forward of the normal rows through the policy and through a full reference copy with the
 logits materialised, a full-vocabulary fp32 KL masked to valid tokens (the true KL, unlike the
-paper's code), one backward, AdamW.
+paper's code), one backward, AdamW (fused on CUDA, PyTorch's default foreach on CPU).
 
-impl ``ours...``: ``step.micro_batch_loss`` (one policy trunk pass over [forget; mismatch; normal],
-reference on the normal rows only, ignored rows dropped, fused loss backend picked by ``auto``),
-gradient clipping, AdamW (fused on CUDA). Options appended to the name: ``+lora`` (peft adapters,
-reference = adapters disabled), ``+cached`` (cached reference, no reference model in memory),
-``+bf16ref`` (reference copy in bf16), ``+ckpt`` (activation checkpointing), ``+bf16w`` (bf16
-weights instead of fp32 master weights).
+impl ``ours...``: ``step.micro_batch_loss`` (one policy trunk pass over [forget; mismatch;
+normal], reference on the normal rows only, ignored rows dropped, fused loss backend picked by
+``auto``), gradient clipping, fused AdamW (CUDA and CPU, as the Trainer). Options appended to
+the name: ``+lora`` (peft adapters, reference = adapters disabled), ``+cached`` (cached
+reference, no reference model in memory), ``+bf16ref`` (reference copy in bf16), ``+ckpt``
+(activation checkpointing), ``+bf16w`` (bf16 weights instead of fp32 master weights);
+``@name`` forces a loss backend (e.g. ``ours@chunked``).
 
 Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
 weights); on CPU fp32 throughout. Timing: warm-up steps, then timed steps, median (CUDA
@@ -292,7 +293,7 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
             enable_checkpointing(policy)
         policy.train()
         params = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=2e-6, fused=cuda)
+        opt = torch.optim.AdamW(params, lr=2e-6, fused=True)  # CPU too: ~7x foreach
         weights = LossWeights(*eps)
         chosen = resolve_backend(opt_["backend"] or backend, dev.type).name
 

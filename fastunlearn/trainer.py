@@ -123,7 +123,7 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay,
-                                           fused=self.device.type == "cuda")
+                                           fused=self.device.type in ("cuda", "cpu"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_schedule(cfg.train.warmup_steps, cfg.train.steps))
         self.evaluator = self._make_evaluator()
