@@ -66,8 +66,8 @@ MODELS = {
 
 # (model, B, T, impls) per preset. The GPU default fits about 1-2 minutes on an H100 / H200.
 GPU_DEFAULT = [
-    ("smollm2-135m", 8, 1024, ["paper", "ours", "ours+lora", "ours+cached"]),
-    ("llama-3.2-1b", 8, 1024, ["paper", "ours", "ours+ckpt"]),
+    ("smollm2-135m", 8, 1024, ["paper", "ours", "ours+lora", "ours+cached", "ours+cached+ckpt"]),
+    ("llama-3.2-1b", 8, 1024, ["paper", "ours", "ours+ckpt", "ours+cached+ckpt"]),
     ("llama-3.2-1b", 2, 512, ["paper", "ours", "ours+lora", "ours+cached", "ours+bf16ref"]),
 ]
 CPU_DEFAULT = [("smollm2-135m", 2, 128, ["paper", "ours", "ours@chunked", "ours+cached",
