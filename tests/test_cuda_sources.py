@@ -2,8 +2,9 @@
 CPU with the reference row pass, and GPU tests (marker ``gpu``) of the real kernel.
 
 Compile-only: the .cu file is pure CUDA (no torch headers) and compiles with nvcc alone for sm_90,
-sm_80 and compute_80 PTX; the binding .cpp includes only torch headers (stream and device come
-from Python), so it compiles as C++ against this CPU build of torch.
+sm_80 and compute_80 PTX (warnings are errors); the binding .cpp includes only torch headers
+(stream and device come from Python). Both then go through torch's own JIT build up to the link
+step, which needs libtorch_cuda and so only succeeds with a CUDA build of torch.
 """
 import os
 import shutil
@@ -53,7 +54,36 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
         assert "fastunlearn_row_pass" in syms and "fastunlearn_cuda_error_string" in syms
 
 
-def test_cuda_binding_compiles_as_cpp():
+def test_cuda_extension_objects_compile_through_torch_jit(tmp_path, monkeypatch):
+    """Runs torch's own JIT build (the exact nvcc / c++ command lines used on the GPU machine)
+    up to the link: with this CPU-only torch only the link may fail (no libtorch_cuda)."""
+    from torch.utils import cpp_extension
+
+    from fastunlearn.losses.cuda_backend import SOURCES, cuda_arch_flags
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: cannot compile the CUDA sources here")
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return _binding_syntax_only()
+    if cpp_extension.CUDA_HOME is None:  # CPU torch: point it at nvcc's toolkit
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME",
+                            os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    try:
+        cpp_extension.load(name="fu_cuda_ci", sources=[str(csrc_dir() / s) for s in SOURCES],
+                           extra_cflags=["-O3"], extra_cuda_cflags=cuda_arch_flags(),
+                           build_directory=str(tmp_path), with_cuda=True, verbose=False)
+    except RuntimeError as exc:
+        msg = str(exc)
+        assert torch.version.cuda is None, msg  # a CUDA torch must build and load it
+        assert (tmp_path / "unlearn_loss_cuda.o").exists(), msg
+        assert (tmp_path / "unlearn_loss_kernels.cuda.o").exists(), msg
+        assert "cannot find -lc10_cuda" in msg or "cannot find -ltorch_cuda" in msg, msg
+
+
+def _binding_syntax_only():
     from torch.utils.cpp_extension import include_paths
 
     cxx = shutil.which("c++") or shutil.which("g++")

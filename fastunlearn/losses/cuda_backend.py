@@ -48,9 +48,9 @@ def load(build: bool = True):
     """Build (first time) and import the CUDA extension; raises ExtensionBuildError.
 
     ``build=False`` only loads an already built extension (for cheap probes)."""
-    return load_extension(EXT_NAME, SOURCES, cflags=["-O3"],
-                          cuda_cflags=["-O3", "-std=c++17", *cuda_arch_flags()], with_cuda=True,
-                          build=build)
+    # no -std / -O flags for nvcc: torch adds its own and nvcc rejects a redefinition
+    return load_extension(EXT_NAME, SOURCES, cflags=["-O3"], cuda_cflags=cuda_arch_flags(),
+                          with_cuda=True, build=build)
 
 
 def default_chunk_rows(vocab: int, itemsize: int = 2, workspace_mb: Optional[int] = None) -> int:
