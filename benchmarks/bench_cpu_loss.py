@@ -4,7 +4,8 @@ Timing with pytest-benchmark; peak memory in a fresh subprocess per provider (Vm
 before the call, minus the RSS once the inputs exist: the memory the loss itself needs,
 gradients included).
 
-    # the head shape (BT 1024, H 576, V 49152); writes benchmarks/results/cpu_loss_<date>.json
+    # the head shape (BT 1024, H 576, V 49152)
+    # -> benchmarks/results/cpu_loss_<date>.json
     python benchmarks/bench_cpu_loss.py
     # plain pytest-benchmark run (timing only)
     pytest benchmarks/bench_cpu_loss.py --benchmark-only

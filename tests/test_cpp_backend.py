@@ -291,7 +291,8 @@ def test_build_recovers_from_a_stale_torch_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTUNLEARN_BUILD_DIR", str(tmp_path / "cache"))
     src = tmp_path / "tiny2.cpp"
     src.write_text("#include <pybind11/pybind11.h>\n"
-                   "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"one\", [] { return 1; }); }\n")
+                   "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
+                   "  m.def(\"one\", [] { return 1; });\n}\n")
     build_dir = _build._build_dir("fu_test_stale", [src], ["False"])
     (build_dir / "lock").write_text("")  # left behind by a killed build
     with pytest.raises(_build.ExtensionBuildError, match="not built yet"):

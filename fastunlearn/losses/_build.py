@@ -16,8 +16,8 @@ Environment:
 """
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import importlib.util
 import os
 import platform
