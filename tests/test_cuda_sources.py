@@ -187,6 +187,15 @@ def test_cuda_backend_rejects_cpu_tensors():
 
 # ---- GPU: the real kernel ----
 
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons need true fp32 GEMMs, whatever another test module set globally."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _grads_of(fn, h, w):
     h = h.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
@@ -199,7 +208,7 @@ def _grads_of(fn, h, w):
 @pytest.mark.parametrize("shape", [(37, 31, 123), (64, 16, 300), (300, 64, 4099),
                                    (128, 40, 70000)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cuda_fp32_matches_reference(shape, reduction):
+def test_cuda_fp32_matches_reference(shape, reduction, no_tf32):
     case = make_case(*shape, dtype=torch.float32, seed=sum(shape), device="cuda")
     h, w, y, k, rh, rw = case
     ref, gh, gw = _grads_of(lambda a, b: unlearn_loss_ref(
@@ -216,7 +225,7 @@ def test_cuda_fp32_matches_reference(shape, reduction):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("grad_output", [1.0, 2.0, -1.0])
-def test_cuda_grad_output_bias_softcap_edge_cases(grad_output):
+def test_cuda_grad_output_bias_softcap_edge_cases(grad_output, no_tf32):
     h, w, y, k, rh, rw = make_case(29, 12, 77, dtype=torch.float32, seed=3, scale=3.0,
                                    device="cuda")
     b = torch.randn(77, device="cuda")
@@ -278,7 +287,7 @@ def test_cuda_bf16_two_x_rule_real_heads(bt, h_dim, vocab):
 
 
 @pytest.mark.gpu
-def test_cuda_torch_compile_and_input_errors():
+def test_cuda_torch_compile_and_input_errors(no_tf32):
     from fastunlearn.losses.cuda_backend import cuda_unlearn_loss, load
 
     ext = load()
