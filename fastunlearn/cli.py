@@ -39,7 +39,7 @@ def _fail(msg: str) -> int:
 
 def _default_out_dir(cfg) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.data.recipe}-{stamp}"
+    return Path("runs") / f"{cfg.data.recipe.replace(':', '-')}-{stamp}"
 
 
 def cmd_run(args) -> int:

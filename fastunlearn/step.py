@@ -129,4 +129,10 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
                         ref_weight, eps_forget=weights.eps_forget,
                         eps_mismatch=weights.eps_mismatch, eps_normal=weights.eps_normal,
                         bias=bias, ref_bias=ref_bias, softcap=head.softcap, reduction=reduction,
-                        backend=backend, chunk_rows=chunk_rows)
+                        backend=backend, chunk_rows=chunk_rows, num_rows=_counts(kinds, ref_hidden))
+
+
+def _counts(kinds: torch.Tensor, ref_hidden) -> tuple[int, int, int]:
+    """Valid rows per kind, known on the host: kernel backends then skip a device sync."""
+    n_normal = int((kinds == KIND_NORMAL).sum()) if ref_hidden is not None else 0
+    return int((kinds == 0).sum()), int((kinds == 1).sum()), n_normal

@@ -1,6 +1,9 @@
 """Public entry points: ``unlearn_loss(...)`` and ``UnlearnLoss``."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
@@ -45,6 +48,7 @@ def unlearn_loss(
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     chunk_rows: int | None = None,
+    num_rows: tuple[int, int, int] | None = None,
 ) -> LossOutput:
     """The unlearning loss of Yao et al. from hidden states and head weights.
 
@@ -62,6 +66,8 @@ def unlearn_loss(
         ref_weight: (V, H) reference head; ``None`` means ``weight`` (detached).
         reduction: "mean" per term over its own tokens, or "sum" (for gradient accumulation).
         backend: "auto" or a name from ``fastunlearn backends``.
+        num_rows: optional host-side valid-token counts (forget, mismatch, normal); backends
+            that size their matrix products from them (triton) then need no host sync.
 
     Returns:
         LossOutput: ``loss`` (differentiable scalar), the three terms and their token counts.
@@ -78,10 +84,18 @@ def unlearn_loss(
     kind = kind.reshape(-1)
     check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, reduction, bias, ref_bias)
     chosen = resolve_backend(backend, hidden.device.type)
+    extra = {}
+    if num_rows is not None and _accepts(chosen.fn, "num_rows"):
+        extra["num_rows"] = tuple(int(n) for n in num_rows)
     return chosen.fn(hidden, weight, labels, kind, ref_hidden, ref_weight,
                      eps_forget=eps_forget, eps_mismatch=eps_mismatch, eps_normal=eps_normal,
                      bias=bias, ref_bias=ref_bias, softcap=softcap, reduction=reduction,
-                     ignore_index=ignore_index, chunk_rows=chunk_rows)
+                     ignore_index=ignore_index, chunk_rows=chunk_rows, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
 
 
 class UnlearnLoss(nn.Module):

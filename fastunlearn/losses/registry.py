@@ -105,8 +105,12 @@ def resolve_backend(name: str, device_type: str) -> Backend:
         if not ok:
             raise BackendUnavailableError(f"backend {name!r} is not available here: {why}")
         return _BACKENDS[name]
-    candidates = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
-    best_possible = [b for b in candidates if device_type in b.devices and b.name != "reference"]
+    # Backends may run on a device only on request (triton on CPU through the interpreter):
+    # ``auto_devices`` lists where ``auto`` may pick them.
+    candidates = sorted((b for b in _BACKENDS.values()
+                         if device_type in (getattr(b, "auto_devices", None) or b.devices)),
+                        key=lambda b: -b.priority)
+    best_possible = [b for b in candidates if b.name != "reference"]
     for b in candidates:
         if b.name == "reference":
             continue
