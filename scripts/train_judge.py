@@ -41,7 +41,6 @@ sys.path.insert(0, str(REPO))
 
 from fastunlearn.eval.judge import JUDGE_DIR, JudgeHead, judge_text, save_head  # noqa: E402
 
-
 SOURCES = ("xstest", "jbb", "hh")
 
 
@@ -131,8 +130,8 @@ def embed_cached(emb, texts: list[str], cache: Path | None) -> torch.Tensor:
 def binary_metrics(prob: torch.Tensor, y: torch.Tensor, thr: float = 0.5) -> dict:
     pred = prob >= thr
     yb = y.bool()
-    tp = int((pred & yb).sum()); fp = int((pred & ~yb).sum())
-    fn = int((~pred & yb).sum()); tn = int((~pred & ~yb).sum())
+    tp, fp = int((pred & yb).sum()), int((pred & ~yb).sum())
+    fn, tn = int((~pred & yb).sum()), int((~pred & ~yb).sum())
     n = max(tp + fp + fn + tn, 1)
     return dict(n=tp + fp + fn + tn, positives=tp + fn, accuracy=(tp + tn) / n,
                 precision=tp / (tp + fp) if tp + fp else 0.0,

@@ -4,8 +4,14 @@ import math
 import pytest
 
 from fastunlearn.eval.refusal import is_refusal, refusal_rate
-from fastunlearn.eval.text_metrics import (bleu, degenerate_rate, degeneration, distinct_n,
-                                           rouge_l, words)
+from fastunlearn.eval.text_metrics import (
+    bleu,
+    degenerate_rate,
+    degeneration,
+    distinct_n,
+    rouge_l,
+    words,
+)
 
 
 def test_words():

@@ -25,8 +25,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import torch
-
 from . import likelihood
 from .refusal import refusal_rate
 from .text_metrics import bleu, degenerate_rate, distinct_n, rouge_l, words

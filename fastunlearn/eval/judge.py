@@ -86,7 +86,7 @@ def _check_pairs(prompts, responses):
 
 
 class BuiltinJudge:
-    """MiniLM embeddings + trained head. ``BuiltinJudge.load()`` returns None if MiniLM is absent."""
+    """MiniLM embeddings + trained head; ``BuiltinJudge.load()`` is None if MiniLM is absent."""
 
     name = "builtin"
 
