@@ -277,6 +277,8 @@ def validate(cfg: RunConfig) -> None:
          "model.reference must be auto, copy, adapters or cached"),
         (cfg.model.reference != "adapters" or cfg.model.lora,
          "model.reference=adapters needs model.lora=true"),
+        (cfg.model.reference != "copy" or not cfg.model.lora,
+         "model.lora=true takes model.reference=adapters or cached, not copy"),
         (d.max_length >= 8, "data.max_length must be >= 8"),
         (d.n_heldout >= 1, "data.n_heldout must be >= 1"),
         (min(lo.eps_forget, lo.eps_mismatch, lo.eps_normal) >= 0,

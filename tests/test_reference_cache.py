@@ -144,3 +144,16 @@ def test_trainer_cached_reference_matches_copy(tmp_path):
     for a, b in zip(runs["copy"], runs["cached"]):
         for k in ("loss", "forget_nll", "mismatch_nll", "normal_kl"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.reference=bogus"], "model.reference must be"),
+    (["model.reference=adapters"], "needs model.lora=true"),
+    (["model.lora=true", "model.reference=copy"], "not copy"),
+])
+def test_reference_config_errors(overrides, message):
+    from fastunlearn.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("default", overrides)
+    assert load_config("default", ["model.reference=cached"]).model.reference == "cached"
