@@ -228,7 +228,7 @@ def ours_step(policy, runner, batch, opt, weights, device, compute_dtype, backen
 
 # ------------------------------------------------------------------------- one config
 def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: int,
-               steps: int, backend: str = "auto") -> dict:
+               steps: int, backend: str = "auto", attn: str = "auto") -> dict:
     """Build, warm up, time. Returns one result row (no 'commit'/'torch' fields)."""
     from fastunlearn.losses import resolve_backend
     from fastunlearn.models import frozen_copy, pick_attn_implementation
@@ -242,7 +242,7 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
     rss0 = proc_status_kib("VmRSS")
     weights_dtype = torch.bfloat16 if opt_["bf16w"] else torch.float32
     compute_dtype = torch.bfloat16 if (cuda or opt_["bf16w"]) else torch.float32
-    attn = pick_attn_implementation(dev)
+    attn = pick_attn_implementation(dev) if attn == "auto" else attn
     torch.manual_seed(0)
     policy = build_model(model_name, dev, weights_dtype, attn)
     vocab = MODELS[model_name]["vocab_size"]
@@ -354,7 +354,7 @@ def run_isolated(spec: dict, timeout: float) -> dict:
 
 
 def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: str,
-            timeout: float) -> list[dict]:
+            timeout: float, attn: str = "auto") -> list[dict]:
     rows = []
     meta = {"torch": torch.__version__, "commit": git_commit()}
     try:
@@ -365,7 +365,7 @@ def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: 
     for model_name, b, t, impls in plan:
         for impl in impls:
             spec = dict(model_name=model_name, b=b, t=t, impl=impl, device=device,
-                        warmup=warmup, steps=steps, backend=backend)
+                        warmup=warmup, steps=steps, backend=backend, attn=attn)
             print(f"[bench] {model_name} B={b} T={t} {impl} ...", file=sys.stderr, flush=True)
             if isolate:
                 row = run_isolated(spec, timeout)
@@ -423,6 +423,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="timed steps")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--attn", default="auto",
+                    choices=("auto", "sdpa", "flash_attention_2", "eager"),
+                    help="attention implementation (auto: flash-attn 2 if installed on CUDA)")
     ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                     help="one subprocess per config (auto: on CPU, for honest peak RSS)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated config")
@@ -481,7 +484,7 @@ def main(argv=None) -> int:
     # auto: isolate on CPU (honest peak RSS), except --quick (speed; its peak is approximate)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and not cuda and not args.quick)
 
-    rows = run_all(plan, device, warmup, steps, isolate, args.backend, args.timeout)
+    rows = run_all(plan, device, warmup, steps, isolate, args.backend, args.timeout, args.attn)
     if args.threads:
         for r in rows:
             r["threads"] = args.threads
