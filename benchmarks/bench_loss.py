@@ -83,7 +83,8 @@ def liger_fn():
         fi, mi, ni = idx
         return (-EPS["eps_forget"] * ce(weight, hidden[fi], labels[fi])
                 + EPS["eps_mismatch"] * ce(weight, hidden[mi], labels[mi])
-                + EPS["eps_normal"] * jsd(hidden[ni], weight, ref_hidden[ni], ref_weight))
+                + EPS["eps_normal"] * jsd(hidden[ni], weight, ref_hidden[ni], ref_weight,
+                                               labels[ni]))
 
     return run
 

@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here."""
@@ -92,6 +94,7 @@ def _strict() -> bool:
     return os.environ.get("FASTUNLEARN_STRICT", "0") not in ("", "0", "false", "False")
 
 
+@torch.compiler.disable  # lazy imports and warnings must not be traced
 def resolve_backend(name: str, device_type: str) -> Backend:
     """Return the backend to run for ``name`` on ``device_type`` ('cpu' / 'cuda')."""
     _load_optional()
