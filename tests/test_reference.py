@@ -9,7 +9,7 @@ from tests.loss_cases import make_case
 def test_gradcheck_each_term():
     h, w, y, k, rh, rw = make_case(9, 5, 11, seed=1)
     for eps in [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 1.0, 1.0)]:
-        def f(h_, w_):
+        def f(h_, w_, eps=eps):
             return unlearn_loss_ref(h_, w_, y, k, rh, rw, eps_forget=eps[0],
                                     eps_mismatch=eps[1], eps_normal=eps[2]).loss
         assert torch.autograd.gradcheck(f, (h.clone().requires_grad_(),
