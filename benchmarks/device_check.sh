@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# One-command GPU check: the GPU tests of every backend, then the loss benchmark on the
-# issue's four head shapes. Copies logs and JSON into $OUT (default ./device_out).
-# Every step has its own timeout and a failing step never stops the next one.
-# Budget: < 6 minutes on an H100 / H200 (torch 2.11, triton 3.6, no network): step limits
-# 30 + 20 + 140 + 150 + 40 s; a step that hits its limit is killed and the next one runs.
+# One-command GPU check: build the extensions, the GPU tests of every backend, the loss
+# benchmark on the issue's four head shapes, the torch.compile baseline, the train-step
+# benchmark and the 8B LoRA memory check. Copies logs and JSON into $OUT (default ./device_out).
+# Every step has its own timeout (T_* variables) and a failing step never stops the next one.
+# Budget: < 8 minutes on an H100 / H200 (torch 2.11, triton 3.6, no network). Wheels of missing
+# optional packages (liger-kernel) in .whl/ are installed first when present.
 #
 #   bash benchmarks/device_check.sh            # from the repository root
 #   OUT=/tmp/out bash benchmarks/device_check.sh
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/fastunlearn_site .whl/*.whl && export PYTHONPATH=/tmp/fastunlearn_site
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OUT="${OUT:-$PWD/device_out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 LOG="$OUT/device_check.log"
 : > "$LOG"
 T0=$(date +%s)
@@ -44,8 +49,14 @@ for b in describe_backends():
 EOF
 command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-# 1. GPU tests (all backends), strict: no silent fallback
-step gpu_tests 140 env FASTUNLEARN_STRICT=1 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider \
+# 1. build the compiled extensions once (the machine starts with an empty build cache)
+step build_ext "${T_BUILD:-90}" "$PY" -c "from fastunlearn.losses import cuda_backend, cpp_backend
+print(cpp_backend.load().__file__)
+import torch
+print(cuda_backend.load().__file__ if torch.cuda.is_available() else 'no CUDA')"
+
+# 2. GPU tests (all backends), strict: no silent fallback
+step gpu_tests "${T_TESTS:-110}" env FASTUNLEARN_STRICT=1 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider \
     --durations=15 tests/
 
 HAS_CUDA=$(timeout 20 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
@@ -58,15 +69,24 @@ else
     COMPILE_SHAPES=(--shapes 96x32x500)
 fi
 
-# 2. benchmark (quick mode: fewer repetitions)
-step bench 150 "$PY" benchmarks/bench_loss.py --quick "${SHAPES[@]}" \
-    --providers naive,liger,chunked,triton,cuda,cpp,floor,rows
+# 3. loss benchmark (quick mode: fewer repetitions)
+step bench "${T_BENCH:-130}" "$PY" benchmarks/bench_loss.py --quick "${SHAPES[@]}" \
+    --providers naive,liger,chunked,triton,cuda,floor,rows
 
-# 3. torch.compile baseline on the two smaller shapes (compile time is the cost)
-step bench_compile 40 "$PY" benchmarks/bench_loss.py --quick "${COMPILE_SHAPES[@]}" \
+# 4. torch.compile baseline on the two smaller shapes (compile time is the cost)
+step bench_compile "${T_COMPILE:-45}" "$PY" benchmarks/bench_loss.py --quick \
+    "${COMPILE_SHAPES[@]}" \
     --providers compile,floor --out-name compile
 
-cp -f benchmarks/results/bench_loss_*.json "$OUT"/ 2> /dev/null
+# 5. whole unlearning step: paper-style vs ours (SmolLM2-135M, Llama-3.2-1B, random weights)
+if [ "$HAS_CUDA" = "1" ]; then
+    step train_step "${T_TRAIN:-80}" "$PY" benchmarks/bench_train_step.py
+    step lora_8b "${T_LORA8B:-45}" "$PY" benchmarks/bench_train_step.py --lora-8b
+else
+    step train_step 120 "$PY" benchmarks/bench_train_step.py --quick
+fi
+
+cp -f benchmarks/results/bench_loss_*.json benchmarks/results/train_step_*.json "$OUT"/ 2> /dev/null
 echo "device_check done in $(( $(date +%s) - T0 ))s; files in $OUT" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"
 exit 0
