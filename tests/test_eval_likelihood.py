@@ -141,3 +141,13 @@ def test_eval_config_rejects_bad_values():
         EvalConfig(max_new_tokens=0)
     with pytest.raises(ValueError):
         EvalConfig(n_harmful=-1)
+
+
+def test_answer_recall_ignores_question_words():
+    from fastunlearn.eval.evaluator import _answer_recall
+    q = "What telenovela inspired the TV show?"
+    # restating the question matches nothing of either answer
+    assert _answer_recall("The TV show was inspired by a telenovela", "Rebelde", q) == 0.0
+    assert _answer_recall("It was Rebelde.", "Rebelde", q) == 1.0
+    assert _answer_recall("It was Rebelde.", "The TV show Rebelde Way in Argentina", q) == \
+        pytest.approx(1 / 4)  # new words: rebelde, way, in, argentina
