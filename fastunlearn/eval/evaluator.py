@@ -85,7 +85,8 @@ class Evaluator:
     """Runs the evaluation of one recipe; caches the original model's normal answers.
 
     ``reference_model``: the original (frozen) model; used for normal_kl and the original
-    normal answers. Without it normal_kl is 0.0 and the first ``run`` call's answers become
+    normal answers. Without it the model as first evaluated serves as the reference: normal_kl
+    is measured against a snapshot of that first state, and the first call's answers become
     the originals.
     """
 
@@ -116,6 +117,7 @@ class Evaluator:
         self._judge = None
         self._judge_loaded = False
         self._original_normal: list[str] | None = None
+        self._ref_snapshot: dict | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -163,9 +165,18 @@ class Evaluator:
             rows = likelihood.answer_nll(model, self.tok, self.normal_pairs,
                                          max_length=c.max_length, batch_size=c.batch_size)
             m["normal_nll"] = sum(s for s, _ in rows) / max(sum(k for _, k in rows), 1)
+            kw = dict(max_length=c.max_length, batch_size=c.batch_size)
             if self.ref is not None and self.ref is not model:
-                s, n = likelihood.answer_kl(model, self.ref, self.tok, self.normal_pairs,
-                                            max_length=c.max_length, batch_size=c.batch_size)
+                s, n = likelihood.answer_kl(model, self.ref, self.tok, self.normal_pairs, **kw)
+                m["normal_kl"] = s / max(n, 1)
+            elif self.ref is None:
+                # No reference model (e.g. a cached reference in training): the model as first
+                # evaluated is the reference; keep what the KL needs of it, not the model.
+                if self._ref_snapshot is None:
+                    self._ref_snapshot = likelihood.reference_snapshot(
+                        model, self.tok, self.normal_pairs, **kw)
+                s, n = likelihood.answer_kl_to_snapshot(model, self.tok, self.normal_pairs,
+                                                        self._ref_snapshot, **kw)
                 m["normal_kl"] = s / max(n, 1)
             else:
                 m["normal_kl"] = 0.0

@@ -28,13 +28,14 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _pairs(pairs: Iterable) -> list[tuple[str, str]]:
+def _pairs(pairs: Iterable) -> list[tuple[str, str, bool]]:
+    """(prompt, answer, complete): a cut-off answer (complete=False) gets no EOS token."""
     out = []
     for p in pairs:
         if isinstance(p, (tuple, list)):
-            out.append((str(p[0]), str(p[1])))
+            out.append((str(p[0]), str(p[1]), True))
         else:
-            out.append((p.prompt, p.answer))
+            out.append((p.prompt, p.answer, bool(getattr(p, "complete", True))))
     return out
 
 
@@ -44,9 +45,10 @@ def encode_pairs(tokenizer, pairs, *, max_length: int) -> list[tuple[list[int], 
     from fastunlearn.data import format_example
 
     rows = []
-    for i, (prompt, answer) in enumerate(_pairs(pairs)):
+    for i, (prompt, answer, complete) in enumerate(_pairs(pairs)):
         try:
-            rows.append(format_example(tokenizer, prompt, answer, max_length=max_length))
+            rows.append(format_example(tokenizer, prompt, answer, max_length=max_length,
+                                       add_eos=complete))
         except ValueError as e:
             raise ValueError(f"eval pair {i}: {e}") from None
     return rows
@@ -124,6 +126,50 @@ def answer_kl(model, ref_model, tokenizer, pairs, *, max_length: int = 256,
         valid = (labels[:, 1:] != IGNORE_INDEX).to(cur.device)
         lp_cur = cur[valid].log_softmax(-1)   # (N, V): answer positions only
         lp_ref = ref[valid].log_softmax(-1)
+        kl = (lp_ref.exp() * (lp_ref - lp_cur)).sum(-1)
+        total += float(kl.double().sum())
+        count += int(valid.sum())
+    return total, count
+
+
+@torch.no_grad()
+def reference_snapshot(model, tokenizer, pairs, *, max_length: int = 256,
+                       batch_size: int = 8) -> dict:
+    """What ``answer_kl`` needs of a reference, kept without the reference model: its trunk's
+    hidden states at the answer positions (N, H) and a copy of its head. Exact (fp32 logits
+    are recomputed from them); about N x H + V x H numbers instead of a whole model."""
+    from fastunlearn.models import head_of, trunk_of
+
+    rows = encode_pairs(tokenizer, pairs, max_length=max_length)
+    hidden = []
+    for ids, mask, labels in _batches(rows, batch_size, _pad_id(tokenizer)):
+        dev = _device(model)
+        h = trunk_of(model)(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        valid = (labels[:, 1:] != IGNORE_INDEX).to(dev)
+        hidden.append(h[:, :-1][valid].float().cpu())
+    head = head_of(model)
+    return {"hidden": hidden, "weight": head.weight.detach().float().cpu().clone(),
+            "bias": None if head.bias is None else head.bias.detach().float().cpu().clone(),
+            "softcap": head.softcap}
+
+
+@torch.no_grad()
+def answer_kl_to_snapshot(model, tokenizer, pairs, snapshot: dict, *, max_length: int = 256,
+                          batch_size: int = 8) -> tuple[float, int]:
+    """``answer_kl`` against a ``reference_snapshot`` of the same pairs and settings."""
+    rows = encode_pairs(tokenizer, pairs, max_length=max_length)
+    total, count = 0.0, 0
+    batches = _batches(rows, batch_size, _pad_id(tokenizer))
+    for (ids, mask, labels), ref_h in zip(batches, snapshot["hidden"], strict=True):
+        cur = _logits(model, ids, mask)[:, :-1].float()
+        valid = (labels[:, 1:] != IGNORE_INDEX).to(cur.device)
+        ref = ref_h.to(cur.device) @ snapshot["weight"].to(cur.device).T
+        if snapshot["bias"] is not None:
+            ref = ref + snapshot["bias"].to(cur.device)
+        if snapshot["softcap"]:
+            ref = snapshot["softcap"] * torch.tanh(ref / snapshot["softcap"])
+        lp_cur = cur[valid].log_softmax(-1)
+        lp_ref = ref.log_softmax(-1)
         kl = (lp_ref.exp() * (lp_ref - lp_cur)).sum(-1)
         total += float(kl.double().sum())
         count += int(valid.sum())
