@@ -219,6 +219,13 @@ def _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, e
          need_dw):
     if hidden.device.type != "cuda":
         raise ValueError(f"the cuda backend needs CUDA tensors, got hidden on {hidden.device}")
+    # Checked here as well as in C++: on the H200 machine a C++ check failure crashed the
+    # process instead of raising (see tests/test_cuda_sources.py), so inputs are validated first.
+    for name, t in (("weight", weight), ("labels", labels), ("kind", kind),
+                    ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("bias", bias),
+                    ("ref_bias", ref_bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"the cuda backend needs {name} on {hidden.device}, got {t.device}")
     with torch.no_grad():
         return cuda_forward_backward(hidden, weight, labels, kind, ref_hidden, ref_weight, bias,
                                      ref_bias, eps_forget, eps_mismatch, eps_normal,
