@@ -47,6 +47,8 @@ def cmd_run(args) -> int:
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if args.quiet:
+        _quiet_libraries()
     if args.out:
         cfg.out = args.out
     out = Path(cfg.out) if cfg.out else _default_out_dir(cfg)
@@ -71,6 +73,14 @@ def cmd_run(args) -> int:
             print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
     print(f"  report: {out / 'summary.md'}")
     return 0
+
+
+def _quiet_libraries() -> None:
+    """No progress bars or info logs from transformers (model loading) under --quiet."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def cmd_backends(args) -> int:

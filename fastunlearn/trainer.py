@@ -80,6 +80,8 @@ class Trainer:
         # Resolve the backend now so an unavailable explicit choice fails before any work.
         self.backend = resolve_backend(cfg.loss.backend, self.device.type).name
 
+        # Read the data before loading the model: a bad file fails in a second, not a minute.
+        self.recipe = self._recipe or load_training_data(cfg.data)
         if self._model is None:
             self.policy, self.tokenizer = load_model_and_tokenizer(
                 cfg.model.name, dtype=cfg.model.dtype, device=self.device,
@@ -89,7 +91,6 @@ class Trainer:
         from .data import ensure_pad_token
         ensure_pad_token(self.tokenizer)
 
-        self.recipe = self._recipe or load_training_data(cfg.data)
         rows = tokenize_all(self.tokenizer, self.recipe, cfg.data)
         vocab = self.policy.get_output_embeddings().weight.shape[0]
         max_id = max(max(r.input_ids) for rs in rows for r in rs)
