@@ -213,7 +213,7 @@ def test_cpp_opcheck():
     h, w, y, k, rh, rw = make_case(9, 4, 11, dtype=torch.float32, seed=1)
     args = (h.requires_grad_(), w, y, k, rh, rw, None, None, 0.5, 1.0, 1.0, 0.0, False, -100, 4,
             True, False)
-    torch.library.opcheck(cpp_backend._cpp_op, args,
+    torch.library.opcheck(cpp_backend._apply, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
 

@@ -122,29 +122,30 @@ def _backward(ctx, grad_loss, *_unused):
     return (d_hidden, d_weight, None, None, None, None, d_bias) + (None,) * 10
 
 
-if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):
-    @torch.library.custom_op("fastunlearn::cpp_unlearn_loss", mutates_args=())
-    def _cpp_op(hidden: Tensor, weight: Tensor, labels: Tensor, kind: Tensor,
-                ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], bias: Optional[Tensor],
-                ref_bias: Optional[Tensor], eps_forget: float, eps_mismatch: float,
-                eps_normal: float, softcap: float, reduction_sum: bool, ignore_index: int,
-                chunk_rows: int, need_dx: bool, need_dw: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
-                    eps_forget, eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index,
-                    chunk_rows, need_dx, need_dw)
+def register_fused_op(qualname: str, run):
+    """Wrap ``run`` (the 17-argument driver of a compiled backend) as the custom op ``qualname``
+    with a fake implementation and autograd (so torch.compile traces through it); on a torch
+    without ``torch.library.custom_op`` a plain autograd.Function. Returns ``apply(*args)``."""
+    if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):
+        @torch.library.custom_op(qualname, mutates_args=())
+        def op(hidden: Tensor, weight: Tensor, labels: Tensor, kind: Tensor,
+               ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
+               bias: Optional[Tensor], ref_bias: Optional[Tensor], eps_forget: float,
+               eps_mismatch: float, eps_normal: float, softcap: float, reduction_sum: bool,
+               ignore_index: int, chunk_rows: int, need_dx: bool, need_dw: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            return run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
+                       eps_forget, eps_mismatch, eps_normal, softcap, reduction_sum,
+                       ignore_index, chunk_rows, need_dx, need_dw)
 
-    _cpp_op.register_fake(_fake)
-    torch.library.register_autograd("fastunlearn::cpp_unlearn_loss", _backward,
-                                    setup_context=_setup_context)
+        op.register_fake(_fake)
+        torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+        return op
 
-    def _apply(*args):
-        return _cpp_op(*args)
-else:  # older torch: a plain autograd.Function (no torch.compile support)
-    class CppUnlearnLossFunction(torch.autograd.Function):
+    class FusedUnlearnLossFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
-            out = _run(*args)
+            out = run(*args)
             _setup_context(ctx, args, out)
             return out
 
@@ -152,8 +153,10 @@ else:  # older torch: a plain autograd.Function (no torch.compile support)
         def backward(ctx, grad_loss, *rest):
             return _backward(ctx, grad_loss)
 
-    def _apply(*args):
-        return CppUnlearnLossFunction.apply(*args)
+    return FusedUnlearnLossFunction.apply
+
+
+_apply = register_fused_op("fastunlearn::cpp_unlearn_loss", _run)
 
 
 def _needs_grad(hidden, weight) -> tuple[bool, bool]:

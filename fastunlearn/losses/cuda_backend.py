@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._build import ExtensionBuildError, load_extension
-from .cpp_backend import _backward, _fake, _needs_grad, _setup_context
+from .cpp_backend import _needs_grad, register_fused_op
 from .registry import Backend, register_backend
 from .types import IGNORE_INDEX, KIND_NORMAL, REDUCTIONS, LossOutput
 
@@ -233,38 +233,7 @@ def _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, e
                                      chunk_rows or None, need_dx=need_dx, need_dw=need_dw)
 
 
-if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):
-    @torch.library.custom_op("fastunlearn::cuda_unlearn_loss", mutates_args=())
-    def _cuda_op(hidden: Tensor, weight: Tensor, labels: Tensor, kind: Tensor,
-                 ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
-                 bias: Optional[Tensor], ref_bias: Optional[Tensor], eps_forget: float,
-                 eps_mismatch: float, eps_normal: float, softcap: float, reduction_sum: bool,
-                 ignore_index: int, chunk_rows: int, need_dx: bool, need_dw: bool
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
-                    eps_forget, eps_mismatch, eps_normal, softcap, reduction_sum, ignore_index,
-                    chunk_rows, need_dx, need_dw)
-
-    _cuda_op.register_fake(_fake)
-    torch.library.register_autograd("fastunlearn::cuda_unlearn_loss", _backward,
-                                    setup_context=_setup_context)
-
-    def _apply(*args):
-        return _cuda_op(*args)
-else:  # older torch: a plain autograd.Function (no torch.compile support)
-    class CudaUnlearnLossFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            out = _run(*args)
-            _setup_context(ctx, args, out)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad_loss, *rest):
-            return _backward(ctx, grad_loss)
-
-    def _apply(*args):
-        return CudaUnlearnLossFunction.apply(*args)
+_apply = register_fused_op("fastunlearn::cuda_unlearn_loss", _run)
 
 
 def cuda_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weight=None, *,
