@@ -66,6 +66,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.train_tokens = 0
         self.stop_reason: str | None = None
+        self.work_dir: Path | None = None
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -136,8 +137,11 @@ class Trainer:
         ref = self.reference if self.reference is not None else \
             (None if self.cfg.model.lora else self.policy)
         builder = ReferenceRunner(self.policy, ref)
+        # Inside the run's working folder (renamed to the output at the end), never the
+        # output folder itself: that must not exist before the run has finished.
+        run_dir = self.work_dir or self.out_dir
         cache_dir = self.cfg.model.reference_cache_dir or \
-            (self.out_dir / "refcache" if self.out_dir else None)
+            (run_dir / "refcache" if run_dir else None)
         return load_or_build_cache(builder, self.rows_by_kind[KIND_NORMAL], cache_dir,
                                    device=self.device, compute_dtype=self.compute_dtype,
                                    storage_dtype=ref_dtype, pad_id=self.tokenizer.pad_token_id)
@@ -256,8 +260,9 @@ class Trainer:
         """Train and evaluate; write metrics, model and report into ``work_dir``."""
         cfg = self.cfg
         wall = time.perf_counter()
-        self.setup()
         work_dir = Path(work_dir or self.out_dir)
+        self.work_dir = work_dir
+        self.setup()
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         before = self.evaluate()
