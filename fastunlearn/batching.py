@@ -2,7 +2,11 @@
 
 Rows of each kind are cycled through in shuffled epochs. With ``bucket_by_length`` each epoch is
 "sortish": shuffled, cut into windows of ``window`` batches, sorted by length inside a window,
-so rows of a batch have similar lengths and less padding is computed.
+so rows of a batch have similar lengths and less padding is computed. With ``pack`` the rows are
+packed end to end into sequences instead (first fit by decreasing length): each row restarts its
+position ids, and the model keeps rows apart (transformers builds a block-causal mask from
+position ids that restart when no attention mask is given). Normal rows are packed into
+sequences of their own, placed last, so the reference still runs on normal rows only.
 """
 from __future__ import annotations
 
@@ -23,6 +27,11 @@ class Batch:
     row_index: torch.Tensor  # (R,) long: index of each row within its kind's row list
     real_tokens: int  # non-pad tokens
     padded_tokens: int  # R * T
+    # Packed batches only: positions restart at 0 for every row; the kind of every token
+    # (rows of different kinds share a sequence). ``kind`` is then NORMAL for the normal-only
+    # sequences and FORGET for the others.
+    position_ids: torch.Tensor | None = None  # (R, T) long
+    token_kind: torch.Tensor | None = None  # (R, T) long
 
     @property
     def real_fraction(self) -> float:
@@ -78,17 +87,71 @@ def collate_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch
     return Batch(input_ids, mask, labels, kind, index, int(mask.sum()), n * t)
 
 
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of row indices, first fit by decreasing length; no bin exceeds ``capacity``."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def pack_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch:
+    """Pack rows (objects with input_ids, labels, kind) into as few sequences as the longest row
+    allows; normal rows (kind 2) only share sequences with normal rows and come last."""
+    index = row_index if row_index is not None else [-1] * len(rows)
+    capacity = max(len(r.input_ids) for r in rows)
+    groups = [[i for i, r in enumerate(rows) if r.kind != 2],
+              [i for i, r in enumerate(rows) if r.kind == 2]]
+    seqs = [[g[j] for j in b] for g in groups
+            for b in _first_fit([len(rows[i].input_ids) for i in g], capacity)]
+    n = len(seqs)
+    input_ids = torch.full((n, capacity), pad_id, dtype=torch.long)
+    labels = torch.full((n, capacity), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, capacity), dtype=torch.long)
+    positions = torch.zeros((n, capacity), dtype=torch.long)
+    token_kind = torch.zeros((n, capacity), dtype=torch.long)
+    kind = torch.zeros(n, dtype=torch.long)
+    for s, members in enumerate(seqs):
+        at = 0
+        for i in members:
+            r, k = rows[i], len(rows[i].input_ids)
+            input_ids[s, at:at + k] = torch.tensor(r.input_ids)
+            labels[s, at:at + k] = torch.tensor(r.labels)
+            labels[s, at] = IGNORE_INDEX  # never predicted from the previous row's last token
+            mask[s, at:at + k] = 1
+            positions[s, at:at + k] = torch.arange(k)
+            token_kind[s, at:at + k] = r.kind
+            at += k
+        # The padding tail is a segment of its own (positions restart), attended by nothing.
+        positions[s, at:] = torch.arange(capacity - at)
+        kind[s] = 2 if rows[members[0]].kind == 2 else 0
+    seq_index = torch.tensor([index[m[0]] for m in seqs], dtype=torch.long)
+    return Batch(input_ids, mask, labels, kind, seq_index, int(mask.sum()), n * capacity,
+                 positions, token_kind)
+
+
 class UnlearnBatcher:
     """One concatenated batch per call: [forget rows; mismatch rows; normal rows]."""
 
     def __init__(self, rows_by_kind: list[list], batch_size: int, pad_id: int, seed: int,
-                 bucket: bool = True):
+                 bucket: bool = True, pack: bool = False):
         self.rows_by_kind = rows_by_kind
         self.pad_id = pad_id
+        self.pack = pack
         self.samplers = [KindSampler([len(r.input_ids) for r in rows], batch_size, seed + k, bucket)
                          for k, rows in enumerate(rows_by_kind)]
 
     def next(self) -> Batch:
         picks = [(k, i) for k, s in enumerate(self.samplers) for i in s.next()]
         rows = [self.rows_by_kind[k][i] for k, i in picks]
+        if self.pack:
+            return pack_rows(rows, self.pad_id, [i for _, i in picks])
         return collate_rows(rows, self.pad_id, [i for _, i in picks])

@@ -79,6 +79,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     bucket_by_length: bool = True  # draw rows of similar length together (less padding)
+    packing: bool = False  # pack rows end to end (position ids restart) instead of padding
     stop_forget_nll: float | None = None  # paper's stop rule: forget NLL threshold...
     stop_extra_steps: int = 0  # ...and the steps still taken after it is passed
     threads: int | None = None  # torch CPU threads (None = torch default)
@@ -277,6 +278,8 @@ def validate(cfg: RunConfig) -> None:
          "model.reference must be auto, copy, adapters or cached"),
         (cfg.model.reference != "adapters" or cfg.model.lora,
          "model.reference=adapters needs model.lora=true"),
+        (not (t.packing and cfg.model.reference == "cached"),
+         "train.packing does not work with model.reference=cached yet"),
         (cfg.model.reference != "copy" or not cfg.model.lora,
          "model.lora=true takes model.reference=adapters or cached, not copy"),
         (d.max_length >= 8, "data.max_length must be >= 8"),

@@ -233,7 +233,8 @@ def build_reference_cache(runner, rows, *, device: torch.device | str,
             n = len(rows[i].input_ids)
             ids[j, :n] = torch.tensor(rows[i].input_ids)
             mask[j, :n] = 1
-        hidden = runner.hidden(ids.to(device), mask.to(device), autocast)
+        hidden = runner.hidden({"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                                "use_cache": False}, autocast)
         hidden = hidden.to(compute_dtype).to(storage_dtype)  # what the live path feeds the loss
         for j, i in enumerate(group):
             per_row[i] = hidden[j, valid_columns(rows[i].labels).to(device)].cpu()

@@ -31,7 +31,21 @@ def valid_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     shifted = batch.labels[:, 1:]
     rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
     flat = rows * t + cols  # hidden row (b, t) predicts label (b, t + 1)
+    if batch.token_kind is not None:  # packed: the kind of the row the label belongs to
+        return flat, shifted[rows, cols], batch.token_kind[rows, cols + 1]
     return flat, shifted[rows, cols], batch.kind[rows]
+
+
+def trunk_inputs(batch: Batch, device: torch.device, rows: slice = slice(None)) -> dict:
+    """Keyword arguments of the trunk for (some rows of) a batch. Packed rows are kept apart by
+    position ids that restart, which transformers turns into a block-causal mask only when no
+    attention mask and no KV cache are given."""
+    ids = batch.input_ids[rows].to(device, non_blocking=True)
+    if batch.position_ids is not None:
+        return {"input_ids": ids, "position_ids": batch.position_ids[rows].to(device),
+                "use_cache": False}
+    return {"input_ids": ids, "attention_mask": batch.attention_mask[rows].to(device),
+            "use_cache": False}
 
 
 def kind_counts(batch: Batch) -> list[int]:
@@ -69,10 +83,11 @@ class ReferenceRunner:
         return self.cache.gather(row_index)
 
     @torch.no_grad()
-    def hidden(self, input_ids, attention_mask, autocast) -> torch.Tensor:
+    def hidden(self, inputs: dict, autocast) -> torch.Tensor:
+        """Reference trunk outputs for ``inputs`` (keyword arguments from ``trunk_inputs``)."""
         ctx = self.policy.disable_adapter() if self.adapters_off else contextlib.nullcontext()
         with ctx, autocast():
-            out = trunk_of(self._model())(input_ids=input_ids, attention_mask=attention_mask)
+            out = trunk_of(self._model())(**inputs)
         return out.last_hidden_state
 
 
@@ -86,12 +101,10 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
         def autocast():
             return torch.autocast(device.type, dtype=compute_dtype)
     flat, labels, kinds = valid_positions(batch)
-    input_ids = batch.input_ids.to(device, non_blocking=True)
-    mask = batch.attention_mask.to(device, non_blocking=True)
-    t = input_ids.shape[1]
+    t = batch.input_ids.shape[1]
 
     with autocast():
-        hidden = trunk_of(policy)(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        hidden = trunk_of(policy)(**trunk_inputs(batch, device)).last_hidden_state
     h_dim = hidden.shape[-1]
     hidden = hidden.reshape(-1, h_dim).to(compute_dtype)[flat.to(device)]
 
@@ -112,7 +125,7 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
     elif weights.eps_normal != 0 and normal_rows.numel() and bool(is_normal.any()):
         first, last = int(normal_rows[0]), int(normal_rows[-1]) + 1
         assert last - first == normal_rows.numel(), "normal rows must be contiguous"
-        ref_h = ref.hidden(input_ids[first:last], mask[first:last], autocast)
+        ref_h = ref.hidden(trunk_inputs(batch, device, slice(first, last)), autocast)
         ref_h = ref_h.reshape(-1, h_dim).to(compute_dtype)
         ref_hidden = torch.zeros_like(hidden)
         sel = is_normal.nonzero().squeeze(1)

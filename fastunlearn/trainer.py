@@ -100,7 +100,8 @@ class Trainer:
                              f"is {vocab}")
         self.rows_by_kind = rows
         self.batcher = UnlearnBatcher(rows, cfg.train.batch_size, self.tokenizer.pad_token_id,
-                                      cfg.train.seed, bucket=cfg.train.bucket_by_length)
+                                      cfg.train.seed, bucket=cfg.train.bucket_by_length,
+                                      pack=cfg.train.packing)
 
         ref_dtype = None if cfg.model.reference_dtype == "auto" else \
             parse_dtype(cfg.model.reference_dtype)

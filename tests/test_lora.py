@@ -44,7 +44,8 @@ def test_adapters_disabled_equal_the_original_model():
         with policy.disable_adapter():
             torch.testing.assert_close(logits(policy), expect, rtol=0, atol=0)
         # the runner the loss uses: adapters off, trunk hidden states == the original's
-        hidden = trainer.ref_runner.hidden(IDS, MASK, contextlib.nullcontext)
+        hidden = trainer.ref_runner.hidden({"input_ids": IDS, "attention_mask": MASK},
+                                             contextlib.nullcontext)
         ref_hidden = original.model(input_ids=IDS, attention_mask=MASK).last_hidden_state
         torch.testing.assert_close(hidden, ref_hidden, rtol=0, atol=0)
         trainer.train_step()
