@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import UnlearnBatcher
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, validate
 from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
 from .models import ModelError, frozen_copy, load_model_and_tokenizer, parse_dtype, save_model
 from .step import LossWeights, ReferenceRunner, kind_counts, micro_batch_loss
@@ -73,6 +73,7 @@ class Trainer:
         from .inputs import load_training_data, tokenize_all
 
         cfg = self.cfg
+        validate(cfg)  # also for configs built in code, not only loaded ones
         seed_everything(cfg.train.seed)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
