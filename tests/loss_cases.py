@@ -21,3 +21,15 @@ def make_case(bt=37, h=31, v=123, *, dtype=torch.float64, seed=0, ignore_frac=0.
     else:
         ref_hidden, ref_weight = hidden.clone(), weight
     return [t.to(device) for t in (hidden, weight, labels, kind, ref_hidden, ref_weight)]
+
+
+def run_with_grads(fn, h, w, b=None, grad_output=1.0):
+    """Call ``fn(h, w, b) -> LossOutput`` on fresh leaf copies, backprop ``grad_output * loss``;
+    return ``(out, dh, dw, db)`` (db None without a bias)."""
+    h = h.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    if b is not None:
+        b = b.clone().requires_grad_()
+    out = fn(h, w, b)
+    (out.loss * grad_output).backward()
+    return out, h.grad, w.grad, (b.grad if b is not None else None)

@@ -2,17 +2,7 @@ import pytest
 import torch
 
 from fastunlearn.losses import unlearn_loss, unlearn_loss_ref
-from tests.loss_cases import make_case
-
-
-def _grads(fn, h, w, b=None):
-    h = h.clone().requires_grad_()
-    w = w.clone().requires_grad_()
-    if b is not None:
-        b = b.clone().requires_grad_()
-    out = fn(h, w, b)
-    out.loss.backward()
-    return out, h.grad, w.grad, (b.grad if b is not None else None)
+from tests.loss_cases import make_case, run_with_grads
 
 
 @pytest.mark.parametrize("shape", [(37, 31, 123), (5, 3, 7), (64, 16, 300)])
@@ -20,9 +10,9 @@ def _grads(fn, h, w, b=None):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_chunked_matches_reference(shape, chunk_rows, reduction):
     h, w, y, k, rh, rw = make_case(*shape, dtype=torch.float32, seed=sum(shape))
-    ref, gh, gw, _ = _grads(lambda a, b_, _c: unlearn_loss_ref(
+    ref, gh, gw, _ = run_with_grads(lambda a, b_, _c: unlearn_loss_ref(
         a.double(), b_.double(), y, k, rh.double(), rw.double(), reduction=reduction), h, w)
-    got, ch, cw, _ = _grads(lambda a, b_, _c: unlearn_loss(
+    got, ch, cw, _ = run_with_grads(lambda a, b_, _c: unlearn_loss(
         a, b_, y, k, rh, rw, reduction=reduction, backend="chunked", chunk_rows=chunk_rows), h, w)
     assert got.backend == "chunked"
     for name in ("loss", "forget_nll", "mismatch_nll", "normal_kl"):
@@ -39,26 +29,16 @@ def test_chunked_grad_output_bias_softcap(grad_output):
     h, w, y, k, rh, rw = make_case(29, 12, 77, dtype=torch.float32, seed=3, scale=3.0)
     b = torch.randn(77)
     kw = dict(softcap=8.0, eps_forget=0.7, eps_mismatch=1.3, eps_normal=0.9)
-    ref, gh, gw, gb = _grads(lambda a, b_, c: _scaled(unlearn_loss_ref(
+    ref, gh, gw, gb = run_with_grads(lambda a, b_, c: unlearn_loss_ref(
         a.double(), b_.double(), y, k, rh.double(), rw.double(), bias=c.double(),
-        ref_bias=c.double(), **kw), grad_output), h, w, b)
-    got, ch, cw, cb = _grads(lambda a, b_, c: _scaled(unlearn_loss(
+        ref_bias=c.double(), **kw), h, w, b, grad_output)
+    got, ch, cw, cb = run_with_grads(lambda a, b_, c: unlearn_loss(
         a, b_, y, k, rh, rw, bias=c, ref_bias=c.detach(), backend="chunked", chunk_rows=8, **kw),
-        grad_output), h, w, b)
+        h, w, b, grad_output)
     torch.testing.assert_close(got.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ch.double(), gh.double(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(cw.double(), gw.double(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(cb.double(), gb.double(), rtol=1e-4, atol=1e-6)
-
-
-class _Scaled:
-    def __init__(self, out, g):
-        self.__dict__.update(out.__dict__)
-        self.loss = out.loss * g
-
-
-def _scaled(out, g):
-    return _Scaled(out, g)
 
 
 def test_chunked_edge_cases():

@@ -9,7 +9,7 @@ import torch
 
 from fastunlearn.losses import unlearn_loss, unlearn_loss_ref
 from fastunlearn.losses.registry import get_backend, resolve_backend
-from tests.loss_cases import make_case
+from tests.loss_cases import make_case, run_with_grads
 
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 
@@ -19,16 +19,6 @@ def built_extension():
     from fastunlearn.losses import cpp_backend
 
     return cpp_backend.load()  # raises ExtensionBuildError with the compiler output
-
-
-def _run(fn, h, w, b=None, grad_output=1.0):
-    h = h.clone().requires_grad_()
-    w = w.clone().requires_grad_()
-    if b is not None:
-        b = b.clone().requires_grad_()
-    out = fn(h, w, b)
-    (out.loss * grad_output).backward()
-    return out, h.grad, w.grad, (b.grad if b is not None else None)
 
 
 def _compare(got, ref, grads_got, grads_ref):
@@ -50,9 +40,9 @@ def _compare(got, ref, grads_got, grads_ref):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_cpp_matches_reference(shape, chunk_rows, reduction):
     h, w, y, k, rh, rw = make_case(*shape, dtype=torch.float32, seed=sum(shape))
-    ref, gh, gw, _ = _run(lambda a, b_, _c: unlearn_loss_ref(
+    ref, gh, gw, _ = run_with_grads(lambda a, b_, _c: unlearn_loss_ref(
         a.double(), b_.double(), y, k, rh.double(), rw.double(), reduction=reduction), h, w)
-    got, ch, cw, _ = _run(lambda a, b_, _c: unlearn_loss(
+    got, ch, cw, _ = run_with_grads(lambda a, b_, _c: unlearn_loss(
         a, b_, y, k, rh, rw, reduction=reduction, backend="cpp", chunk_rows=chunk_rows), h, w)
     _compare(got, ref, (ch, cw), (gh, gw))
 
@@ -62,10 +52,10 @@ def test_cpp_grad_output_bias_softcap(grad_output):
     h, w, y, k, rh, rw = make_case(29, 12, 77, dtype=torch.float32, seed=3, scale=3.0)
     b = torch.randn(77)
     kw = dict(softcap=8.0, eps_forget=0.7, eps_mismatch=1.3, eps_normal=0.9)
-    ref = _run(lambda a, b_, c: unlearn_loss_ref(
+    ref = run_with_grads(lambda a, b_, c: unlearn_loss_ref(
         a.double(), b_.double(), y, k, rh.double(), rw.double(), bias=c.double(),
         ref_bias=c.double(), **kw), h, w, b, grad_output)
-    got = _run(lambda a, b_, c: unlearn_loss(
+    got = run_with_grads(lambda a, b_, c: unlearn_loss(
         a, b_, y, k, rh, rw, bias=c, ref_bias=c.detach(), backend="cpp", chunk_rows=8, **kw),
         h, w, b, grad_output)
     _compare(got[0], ref[0], got[1:], ref[1:])
@@ -74,10 +64,10 @@ def test_cpp_grad_output_bias_softcap(grad_output):
 def test_cpp_sum_reduction_with_bias_no_softcap():
     h, w, y, k, rh, rw = make_case(33, 10, 250, dtype=torch.float32, seed=11)
     b, rb = torch.randn(250), torch.randn(250)
-    ref = _run(lambda a, b_, c: unlearn_loss_ref(
+    ref = run_with_grads(lambda a, b_, c: unlearn_loss_ref(
         a.double(), b_.double(), y, k, rh.double(), rw.double(), bias=c.double(),
         ref_bias=rb.double(), reduction="sum"), h, w, b)
-    got = _run(lambda a, b_, c: unlearn_loss(
+    got = run_with_grads(lambda a, b_, c: unlearn_loss(
         a, b_, y, k, rh, rw, bias=c, ref_bias=rb, reduction="sum", backend="cpp"), h, w, b)
     _compare(got[0], ref[0], got[1:], ref[1:])
 
@@ -85,10 +75,10 @@ def test_cpp_sum_reduction_with_bias_no_softcap():
 @pytest.mark.parametrize("kinds", [(0,), (1,), (2,), (0, 1), (1, 2), (0, 2)])
 def test_cpp_kind_absent(kinds):
     h, w, y, k, rh, rw = make_case(31, 9, 61, dtype=torch.float32, seed=5, kinds=kinds)
-    ref = _run(lambda a, b_, _c: unlearn_loss_ref(
+    ref = run_with_grads(lambda a, b_, _c: unlearn_loss_ref(
         a.double(), b_.double(), y, k, rh.double(), rw.double()), h, w)
-    got = _run(lambda a, b_, _c: unlearn_loss(a, b_, y, k, rh, rw, backend="cpp", chunk_rows=5),
-               h, w)
+    got = run_with_grads(lambda a, b_, _c: unlearn_loss(a, b_, y, k, rh, rw, backend="cpp",
+                                                         chunk_rows=5), h, w)
     _compare(got[0], ref[0], got[1:], ref[1:])
     for i, name in enumerate(("n_forget", "n_mismatch", "n_normal")):
         if i not in kinds:
@@ -97,15 +87,15 @@ def test_cpp_kind_absent(kinds):
 
 def test_cpp_without_reference_drops_kl():
     h, w, y, k, _rh, _rw = make_case(30, 8, 45, dtype=torch.float32, seed=9)
-    ref = _run(lambda a, b_, _c: unlearn_loss_ref(a.double(), b_.double(), y, k), h, w)
-    got = _run(lambda a, b_, _c: unlearn_loss(a, b_, y, k, backend="cpp"), h, w)
+    ref = run_with_grads(lambda a, b_, _c: unlearn_loss_ref(a.double(), b_.double(), y, k), h, w)
+    got = run_with_grads(lambda a, b_, _c: unlearn_loss(a, b_, y, k, backend="cpp"), h, w)
     _compare(got[0], ref[0], got[1:], ref[1:])
     assert int(got[0].n_normal) == 0 and float(got[0].normal_kl) == 0.0
 
 
 def test_cpp_all_rows_ignored():
     h, w, y, k, rh, rw = make_case(20, 8, 50, dtype=torch.float32)
-    out, gh, gw, _ = _run(lambda a, b_, _c: unlearn_loss(
+    out, gh, gw, _ = run_with_grads(lambda a, b_, _c: unlearn_loss(
         a, b_, torch.full_like(y, -100), k, rh, rw, backend="cpp"), h, w)
     assert float(out.loss) == 0.0
     assert int(out.n_forget) + int(out.n_mismatch) + int(out.n_normal) == 0
@@ -115,7 +105,7 @@ def test_cpp_all_rows_ignored():
 def test_cpp_kl_zero_when_reference_is_policy():
     h, w, y, _k, _rh, _rw = make_case(24, 16, 300, dtype=torch.float32, seed=2)
     only_normal = torch.full_like(y, 2)
-    out, gh, gw, _ = _run(lambda a, b_, _c: unlearn_loss(
+    out, gh, gw, _ = run_with_grads(lambda a, b_, _c: unlearn_loss(
         a, b_, y, only_normal, a.detach(), b_.detach(), backend="cpp"), h, w)
     assert int(out.n_normal) > 0
     assert out.normal_kl.abs() < 1e-6

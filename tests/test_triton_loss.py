@@ -16,7 +16,7 @@ from fastunlearn.losses.registry import (  # noqa: E402
     get_backend,
     resolve_backend,
 )
-from tests.loss_cases import make_case  # noqa: E402
+from tests.loss_cases import make_case, run_with_grads  # noqa: E402
 
 TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
 COUNTS = ("n_forget", "n_mismatch", "n_normal")
@@ -32,17 +32,6 @@ def _tb():
     from fastunlearn.losses import triton_backend
 
     return triton_backend
-
-
-def _run(fn, h, w, b=None, g=1.0):
-    """Call fn(h, w, b) -> LossOutput, backprop g * loss; return (out, dh, dw, db)."""
-    h = h.clone().requires_grad_()
-    w = w.clone().requires_grad_()
-    if b is not None:
-        b = b.clone().requires_grad_()
-    out = fn(h, w, b)
-    (out.loss * g).backward()
-    return out, h.grad, w.grad, (b.grad if b is not None else None)
 
 
 def _ref(h, w, y, k, rh, rw, b=None, **kw):
@@ -76,8 +65,8 @@ def _assert_match(got, ref, grads_got, grads_ref, grad_rtol=2e-4):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_matches_reference(shape, reduction):
     h, w, y, k, rh, rw = make_case(*shape, dtype=torch.float32, seed=sum(shape))
-    ref = _run(_ref(h, w, y, k, rh, rw, reduction=reduction), h, w)
-    got = _run(_tri(y, k, rh, rw, reduction=reduction, chunk_rows=16), h, w)
+    ref = run_with_grads(_ref(h, w, y, k, rh, rw, reduction=reduction), h, w)
+    got = run_with_grads(_tri(y, k, rh, rw, reduction=reduction, chunk_rows=16), h, w)
     _assert_match(got[0], ref[0], got[1:], ref[1:])
 
 
@@ -86,27 +75,27 @@ def test_grad_output_bias_softcap(grad_output):
     h, w, y, k, rh, rw = make_case(29, 12, 77, dtype=torch.float32, seed=3, scale=3.0)
     b = torch.randn(77, generator=torch.Generator().manual_seed(1))
     kw = dict(softcap=8.0, eps_forget=0.7, eps_mismatch=1.3, eps_normal=0.9)
-    ref = _run(_ref(h, w, y, k, rh, rw, **kw), h, w, b, grad_output)
-    got = _run(_tri(y, k, rh, rw, chunk_rows=8, **kw), h, w, b, grad_output)
+    ref = run_with_grads(_ref(h, w, y, k, rh, rw, **kw), h, w, b, grad_output)
+    got = run_with_grads(_tri(y, k, rh, rw, chunk_rows=8, **kw), h, w, b, grad_output)
     _assert_match(got[0], ref[0], got[1:], ref[1:])
 
 
 def test_kind_absent_and_no_reference():
     h, w, y, k, rh, rw = make_case(20, 8, 50, dtype=torch.float32, kinds=(0, 2), seed=5)
-    ref = _run(_ref(h, w, y, k, rh, rw), h, w)
-    got = _run(_tri(y, k, rh, rw), h, w)
+    ref = run_with_grads(_ref(h, w, y, k, rh, rw), h, w)
+    got = run_with_grads(_tri(y, k, rh, rw), h, w)
     _assert_match(got[0], ref[0], got[1:], ref[1:])
     assert int(got[0].n_mismatch) == 0 and float(got[0].mismatch_nll) == 0.0
     # without a reference the normal rows drop out (count 0), as in the specification
-    ref = _run(_ref(h, w, y, k, None, None), h, w)
-    got = _run(_tri(y, k, None, None), h, w)
+    ref = run_with_grads(_ref(h, w, y, k, None, None), h, w)
+    got = run_with_grads(_tri(y, k, None, None), h, w)
     _assert_match(got[0], ref[0], got[1:], ref[1:])
     assert int(got[0].n_normal) == 0
 
 
 def test_all_rows_ignored():
     h, w, y, k, rh, rw = make_case(20, 8, 50, dtype=torch.float32)
-    out, dh, dw, _ = _run(_tri(torch.full_like(y, -100), k, rh, rw), h, w)
+    out, dh, dw, _ = run_with_grads(_tri(torch.full_like(y, -100), k, rh, rw), h, w)
     assert float(out.loss.detach()) == 0.0
     assert int(out.n_forget + out.n_mismatch + out.n_normal) == 0
     assert dh.abs().max() == 0 and dw.abs().max() == 0
@@ -115,7 +104,7 @@ def test_all_rows_ignored():
 def test_reference_is_policy_kl_exactly_zero():
     h, w, y, k, _, _ = make_case(24, 8, 70, dtype=torch.float32, seed=7)
     normal = torch.full_like(k, 2)
-    out, dh, dw, _ = _run(lambda h_, w_, b_: unlearn_loss(
+    out, dh, dw, _ = run_with_grads(lambda h_, w_, b_: unlearn_loss(
         h_, w_, y, normal, h_.detach(), w_.detach(), backend="triton", chunk_rows=5), h, w)
     assert float(out.normal_kl) == 0.0
     assert dh.abs().max() == 0 and dw.abs().max() == 0
@@ -147,18 +136,20 @@ def test_sync_modes_agree(mode):
     h, w, y, k, rh, rw = make_case(26, 8, 45, dtype=torch.float32, seed=13)
     tb = _tb()
     kw = dict(eps_forget=0.5, eps_mismatch=1.0, eps_normal=1.0, chunk_rows=7)
-    base = _run(lambda a, b_, _c: tb.triton_unlearn_loss(a, b_, y, k, rh, rw, **kw), h, w)
+    base = run_with_grads(lambda a, b_, _c: tb.triton_unlearn_loss(a, b_, y, k, rh, rw, **kw),
+                          h, w)
     if mode == "hint":
         valid = y != -100
         num = [int((valid & (k == i)).sum()) for i in range(3)]
-        got = _run(lambda a, b_, _c: tb.triton_unlearn_loss(a, b_, y, k, rh, rw, num_rows=num,
-                                                            **kw), h, w)
+        got = run_with_grads(lambda a, b_, _c: tb.triton_unlearn_loss(
+            a, b_, y, k, rh, rw, num_rows=num, **kw), h, w)
     else:
         import os
 
         os.environ["FASTUNLEARN_TRITON_SYNC"] = "0"
         try:
-            got = _run(lambda a, b_, _c: tb.triton_unlearn_loss(a, b_, y, k, rh, rw, **kw), h, w)
+            got = run_with_grads(lambda a, b_, _c: tb.triton_unlearn_loss(
+                a, b_, y, k, rh, rw, **kw), h, w)
         finally:
             del os.environ["FASTUNLEARN_TRITON_SYNC"]
     _assert_match(got[0], base[0], got[1:], base[1:], grad_rtol=1e-5)
@@ -166,8 +157,8 @@ def test_sync_modes_agree(mode):
 
 def test_deterministic():
     h, w, y, k, rh, rw = make_case(21, 8, 40, dtype=torch.float32, seed=17)
-    a = _run(_tri(y, k, rh, rw, chunk_rows=6), h, w)
-    b = _run(_tri(y, k, rh, rw, chunk_rows=6), h, w)
+    a = run_with_grads(_tri(y, k, rh, rw, chunk_rows=6), h, w)
+    b = run_with_grads(_tri(y, k, rh, rw, chunk_rows=6), h, w)
     assert torch.equal(a[0].loss, b[0].loss)
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
 
@@ -325,9 +316,9 @@ def test_unlearn_op_opcheck_and_function_fallback(monkeypatch):
                                  -100, None, None),
                 test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # the autograd.Function path (torch without custom_op) gives the same result
-    via_op = _run(_tri(y, k, rh, rw, chunk_rows=4), h, w, g=2.0)
+    via_op = run_with_grads(_tri(y, k, rh, rw, chunk_rows=4), h, w, grad_output=2.0)
     monkeypatch.setattr(tb, "_unlearn_op", None)
-    via_fn = _run(_tri(y, k, rh, rw, chunk_rows=4), h, w, g=2.0)
+    via_fn = run_with_grads(_tri(y, k, rh, rw, chunk_rows=4), h, w, grad_output=2.0)
     _assert_match(via_fn[0], via_op[0], via_fn[1:], via_op[1:], grad_rtol=1e-6)
 
 
@@ -336,6 +327,6 @@ def test_vocab_above_65536(monkeypatch):
     monkeypatch.setenv("FASTUNLEARN_TRITON_BLOCK_V", "4096")
     h, w, y, k, rh, rw = make_case(6, 4, 70001, dtype=torch.float32, seed=31, ignore_frac=0.0)
     y[0] = 70000  # the last column, in the partial last tile
-    ref = _run(_ref(h, w, y, k, rh, rw), h, w)
-    got = _run(_tri(y, k, rh, rw, chunk_rows=4), h, w)
+    ref = run_with_grads(_ref(h, w, y, k, rh, rw), h, w)
+    got = run_with_grads(_tri(y, k, rh, rw, chunk_rows=4), h, w)
     _assert_match(got[0], ref[0], got[1:], ref[1:])

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._build import ExtensionBuildError, cpu_arch_flags, load_extension
 from .registry import Backend, register_backend
-from .types import IGNORE_INDEX, REDUCTIONS, LossOutput
+from .types import IGNORE_INDEX, LossOutput, check_options
 
 EXT_NAME = "fastunlearn_cpp_loss"
 SOURCES = ["unlearn_loss_cpu.cpp"]
@@ -192,12 +192,7 @@ def cpp_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weight=N
         ...                        eps_normal=1.0)
         >>> out.loss.backward()
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap}")
-    if chunk_rows is not None and chunk_rows <= 0:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    check_options(reduction, softcap, chunk_rows)
     rows = chunk_rows or default_chunk_rows(weight.shape[0] if weight.dim() == 2 else 1)
     if ref_bias is not None:
         ref_bias = ref_bias.detach()

@@ -23,7 +23,7 @@ from torch import Tensor
 from ._build import ExtensionBuildError, load_extension
 from .cpp_backend import _needs_grad, register_fused_op
 from .registry import Backend, register_backend
-from .types import IGNORE_INDEX, KIND_NORMAL, REDUCTIONS, LossOutput
+from .types import IGNORE_INDEX, KIND_NORMAL, LossOutput, check_options
 
 EXT_NAME = "fastunlearn_cuda_loss"
 SOURCES = ["unlearn_loss_cuda.cpp", "unlearn_loss_kernels.cu"]
@@ -260,12 +260,7 @@ def cuda_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weight=
         ...                         eps_normal=1.0)
         >>> out.loss.backward()
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap}")
-    if chunk_rows is not None and chunk_rows <= 0:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    check_options(reduction, softcap, chunk_rows)
     detach = (lambda t: None if t is None else t.detach())
     loss, terms, counts, _dx, _dw, _db = _apply(
         hidden, weight, labels, kind, detach(ref_hidden), detach(ref_weight), bias,

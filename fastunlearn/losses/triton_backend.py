@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .registry import Backend, register_backend
-from .types import IGNORE_INDEX, LossOutput
+from .types import IGNORE_INDEX, LossOutput, check_options
 
 _OP_NS = "fastunlearn"
 
@@ -189,8 +189,7 @@ def triton_unlearn_loss(hidden, weight, labels, kind, ref_hidden=None, ref_weigh
         ...                           eps_mismatch=1.0, eps_normal=1.0)
         >>> out.loss.backward()
     """
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
+    check_options(reduction, softcap, chunk_rows)
     args = (hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
             float(eps_forget), float(eps_mismatch), float(eps_normal),
             None if softcap is None else float(softcap), reduction, int(ignore_index),
@@ -305,8 +304,7 @@ def token_stats(hidden, weight, labels, ref_hidden=None, ref_weight=None, *, bia
         raise RuntimeError("token_stats needs torch.library.custom_op (torch >= 2.4)")
     if labels.dim() != 1 or hidden.dim() != 2 or labels.shape[0] != hidden.shape[0]:
         raise ValueError("token_stats: hidden must be (BT, H) and labels (BT,)")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
+    check_options(softcap=softcap, chunk_rows=chunk_rows)
     return _token_stats_op(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias,
                            None if softcap is None else float(softcap), int(ignore_index),
                            None if chunk_rows is None else int(chunk_rows))

@@ -53,6 +53,17 @@ class LossOutput:
         }
 
 
+def check_options(reduction: str = "mean", softcap: float | None = None,
+                  chunk_rows: int | None = None) -> None:
+    """The non-tensor options every backend takes; raises ValueError with one clear line."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if chunk_rows is not None and chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+
+
 def check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, reduction, bias=None,
                  ref_bias=None) -> None:
     """Shape / dtype checks shared by all backends; raises ValueError with one clear line."""
@@ -70,8 +81,7 @@ def check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, reduction
         raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
     if kind.dtype not in (torch.int64, torch.int32, torch.int8, torch.uint8):
         raise ValueError(f"kind must be an integer tensor, got {kind.dtype}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_options(reduction)
     if ref_hidden is not None:
         if ref_hidden.shape != hidden.shape:
             raise ValueError(
