@@ -247,7 +247,9 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if self.evaluator is None:
             return None
-        metrics = self.evaluator.run(self.policy, self.step)
+        # Before the first step the policy is its own reference (unless another model is).
+        same = self.step == 0 and not self.cfg.model.reference_name
+        metrics = self.evaluator.run(self.policy, self.step, model_is_reference=same)
         self.evals.append({"step": self.step, **metrics})
         self.policy.train()
         return metrics

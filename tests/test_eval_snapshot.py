@@ -41,3 +41,18 @@ def test_evaluator_without_reference_tracks_drift():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert ev.run(model, 1)["normal_kl"] > 0
+
+
+def test_model_is_reference_generates_normal_answers_once():
+    tok = tiny_tokenizer()
+    model = tiny_llama(128, seed=6)
+    data = RecipeData("harmful", _pairs(2), _pairs(2, 10), _pairs(3, 20), _pairs(3, 30),
+                      extra={})
+    cfg = EvalConfig(judge="none", max_new_tokens=3, n_harmful=2, n_normal=2, n_xstest=0)
+    calls = []
+    ev = Evaluator(tok, data, cfg, reference_model=copy.deepcopy(model), progress=False)
+    gen = ev._gen
+    ev._gen = lambda m, prompts, desc: calls.append(desc) or gen(m, prompts, desc)
+    first = ev.run(model, 0, model_is_reference=True)
+    assert "original answers" not in calls
+    assert first["normal_rouge_l"] == 1.0

@@ -118,6 +118,7 @@ class Evaluator:
         self._judge_loaded = False
         self._original_normal: list[str] | None = None
         self._ref_snapshot: dict | None = None
+        self._model_is_reference = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -207,8 +208,8 @@ class Evaluator:
         m.update(self._text_metrics("harmful", harm))
 
         normal = self._gen(model, self.normal_prompts, "normal prompts")
-        if self.ref is None and self._original_normal is None:
-            self._original_normal = list(normal)  # first run's answers are the originals
+        if (self.ref is None or self._model_is_reference) and self._original_normal is None:
+            self._original_normal = list(normal)  # these answers are the originals
         orig = self.original_normal_answers(model) if normal else []
         m["normal_rouge_l"] = _mean(rouge_l(a, o) for a, o in zip(normal, orig))
         m["normal_similarity_cosine"] = None
@@ -263,9 +264,13 @@ class Evaluator:
             max_length=c.max_length, batch_size=c.batch_size)
         return {"halu_prefer_hallucinated": _mean(float(b > a) for a, b in zip(right, hall))}
 
-    def run(self, model, step: int) -> dict:
-        """All metrics of ``model`` at training ``step``; restores its train/eval mode."""
+    def run(self, model, step: int, *, model_is_reference: bool = False) -> dict:
+        """All metrics of ``model`` at training ``step``; restores its train/eval mode.
+
+        ``model_is_reference``: the model still equals the reference (before the first step), so
+        its normal answers serve as the original answers without generating them twice."""
         t0 = time.perf_counter()
+        self._model_is_reference = model_is_reference
         was_training = model.training
         ref_training = self.ref.training if self.ref is not None else False
         model.eval()
