@@ -31,7 +31,7 @@ class ModelError(ValueError):
     """A model spec that cannot be loaded (one-line message)."""
 
 
-def parse_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
     """'auto' is float32 (master weights; autocast supplies bf16 compute on GPU)."""
     if isinstance(name, torch.dtype):
         return name
@@ -92,7 +92,7 @@ def load_model_and_tokenizer(spec: str, *, dtype="float32", device="cpu",
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve_model_spec(spec)
-    kwargs = {"dtype": parse_dtype(dtype, device)}
+    kwargs = {"dtype": parse_dtype(dtype)}
     attn = pick_attn_implementation(device) if attn_implementation == "auto" \
         else attn_implementation
     if attn:
