@@ -19,7 +19,9 @@ normal], reference on the normal rows only, ignored rows dropped, fused loss bac
 ``auto``), gradient clipping, fused AdamW (CUDA and CPU, as the Trainer). Options appended to
 the name: ``+lora`` (peft adapters, reference = adapters disabled), ``+cached`` (cached
 reference, no reference model in memory), ``+bf16ref`` (reference copy in bf16), ``+ckpt``
-(activation checkpointing), ``+bf16w`` (bf16 weights instead of fp32 master weights);
+(activation checkpointing), ``+bf16w`` (bf16 weights instead of fp32 master weights),
+``+torchlin`` (CPU: keep torch's own GEMMs in the nn.Linear layers instead of the oneDNN ones
+that ``train.cpu_linear=auto`` picks, see fastunlearn/cpu_linear.py);
 ``@name`` forces a loss backend (e.g. ``ours@chunked``).
 
 Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
@@ -70,12 +72,12 @@ GPU_DEFAULT = [
     ("llama-3.2-1b", 8, 1024, ["paper", "ours", "ours+ckpt", "ours+cached+ckpt"]),
     ("llama-3.2-1b", 2, 512, ["paper", "ours", "ours+lora", "ours+cached", "ours+bf16ref"]),
 ]
-CPU_DEFAULT = [("smollm2-135m", 2, 128, ["paper", "ours", "ours@chunked", "ours+cached",
-                                         "ours+lora", "ours+lora+cached"])]
+CPU_DEFAULT = [("smollm2-135m", 2, 128, ["paper", "ours", "ours+torchlin", "ours@chunked",
+                                         "ours+cached", "ours+lora", "ours+lora+cached"])]
 QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora"])]
 LORA_8B = [("llama-3-8b", 2, 512, ["ours+bf16w+lora+ckpt", "ours+bf16w+lora+cached+ckpt"]),
            ("llama-3-8b", 8, 1024, ["ours+bf16w+lora+ckpt"])]
-OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w")
+OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "torchlin")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -230,6 +232,7 @@ def ours_step(policy, runner, batch, opt, weights, device, compute_dtype, backen
 def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: int,
                steps: int, backend: str = "auto", attn: str = "auto") -> dict:
     """Build, warm up, time. Returns one result row (no 'commit'/'torch' fields)."""
+    from fastunlearn.cpu_linear import use_onednn_linears
     from fastunlearn.losses import resolve_backend
     from fastunlearn.models import frozen_copy, pick_attn_implementation
     from fastunlearn.reference_cache import build_reference_cache
@@ -266,13 +269,17 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
 
         def step():
             return paper_step(policy, ref, batch, opt, eps, autocast)
-        row.update(backend="hf", reference="copy")
+        row.update(backend="hf", reference="copy", linear_gemm="torch")
     else:
         cache = None
         if opt_["lora"]:
             for p in policy.parameters():
                 p.requires_grad_(False)
             policy = wrap_lora(policy)
+        swapped = 0
+        if not cuda and compute_dtype == torch.float32:
+            swapped = use_onednn_linears(policy, "torch" if opt_["torchlin"] else "auto")
+        row["linear_gemm"] = "onednn" if swapped else "torch"
         if opt_["cached"]:
             # Before step 1 the policy is the reference: build from it, no copy ever exists.
             builder = ReferenceRunner(policy, None if opt_["lora"] else policy)
@@ -286,7 +293,7 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
         elif opt_["lora"]:
             ref, reference = None, "adapters"
         else:
-            ref = frozen_copy(policy, torch.bfloat16 if opt_["bf16ref"] else None)
+            ref = frozen_copy(policy, torch.bfloat16 if opt_["bf16ref"] else None)  # keeps them
             reference = "copy-bf16" if opt_["bf16ref"] else "copy"
         runner = ReferenceRunner(policy, ref, cache=cache)
         if opt_["ckpt"]:

@@ -83,6 +83,7 @@ class TrainSection:
     stop_forget_nll: float | None = None  # paper's stop rule: forget NLL threshold...
     stop_extra_steps: int = 0  # ...and the steps still taken after it is passed
     threads: int | None = None  # torch CPU threads (None = torch default)
+    cpu_linear: str = "auto"  # fp32 on CPU: auto | onednn | torch GEMMs for nn.Linear layers
 
 
 @dataclass
@@ -273,6 +274,8 @@ def validate(cfg: RunConfig) -> None:
         (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          "train.device must be auto, cpu or cuda[:N]"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
+        (t.cpu_linear in ("auto", "onednn", "torch"),
+         "train.cpu_linear must be auto, onednn or torch"),
         (d.kl_tokens in ("answer", "all"), "data.kl_tokens must be 'answer' or 'all'"),
         (cfg.model.reference in ("auto", "copy", "adapters", "cached"),
          "model.reference must be auto, copy, adapters or cached"),

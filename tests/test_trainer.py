@@ -205,3 +205,21 @@ def test_packed_batch_equals_padded_batch():
     torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.normal_kl, a.normal_kl, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+
+
+def test_onednn_linears_train_like_torch_linears():
+    """train.cpu_linear=onednn swaps both models' linears and trains as torch's GEMMs do."""
+    trainers = {}
+    for mode in ("torch", "onednn"):
+        t = make_trainer(tiny_cfg(steps=3, cpu_linear=mode))
+        t.setup()
+        swapped = [m for m in (t.policy, t.reference) for lin in m.modules()
+                   if isinstance(lin, torch.nn.Linear) and "forward" in lin.__dict__]
+        assert bool(swapped) == (mode == "onednn"), mode
+        rows = [t.train_step() for _ in range(3)]
+        trainers[mode] = (t, rows)
+    (a, rows_a), (b, rows_b) = trainers["torch"], trainers["onednn"]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-5)
+    for (name, p), q in zip(a.policy.named_parameters(), b.policy.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,109 @@
+"""nn.Linear layers routed through oneDNN on CPU (fastunlearn/cpu_linear.py) against F.linear."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastunlearn import cpu_linear
+from tests.tiny_model import tiny_llama
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_extension():
+    from fastunlearn.losses import cpp_backend
+
+    ext = cpp_backend.load()  # a build failure fails these tests with the compiler output
+    if ext.gemm_engine() != "onednn":
+        pytest.skip("this torch has no usable oneDNN matmul")
+    return ext
+
+
+def _grads(layer, x):
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    g = torch.randn_like(y, generator=torch.Generator().manual_seed(3))
+    (y * g).sum().backward()
+    return y.detach(), [t.grad for t in (x, layer.weight, layer.bias) if t is not None]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 13), (2, 5, 13), (3, 1, 4, 13)])
+def test_forward_and_grads_match_f_linear(bias, shape):
+    torch.manual_seed(0)
+    plain = nn.Linear(13, 11, bias=bias)
+    swapped = copy.deepcopy(plain)
+    assert cpu_linear.use_onednn_linears(swapped, "onednn") == 1
+    x = torch.randn(*shape)
+    y_ref, g_ref = _grads(plain, x)
+    y, g = _grads(swapped, x)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input_and_frozen_weight():
+    torch.manual_seed(1)
+    layer = nn.Linear(8, 6)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    ref = copy.deepcopy(layer)
+    cpu_linear.use_onednn_linears(layer, "onednn")
+    x = torch.randn(8, 10).t().requires_grad_(True)  # (10, 8), transposed strides
+    x_ref = x.detach().clone().requires_grad_(True)
+    layer(x).square().sum().backward()
+    ref(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None
+
+
+def test_model_outputs_and_grads_match():
+    model = tiny_llama(seed=4).train()
+    swapped = copy.deepcopy(model)
+    n = cpu_linear.use_onednn_linears(swapped, "onednn")
+    assert n == 2 * 7 + 1  # q k v o gate up down in each of 2 layers, and lm_head
+    ids = torch.randint(6, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    for m in (model, swapped):
+        m(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), swapped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_autocast_and_other_dtypes_fall_back_to_f_linear(monkeypatch):
+    layer = nn.Linear(4, 3)
+    cpu_linear.use_onednn_linears(layer, "onednn")
+    calls = []
+    monkeypatch.setattr(cpu_linear._OneDnnLinear, "apply",
+                        lambda *a: calls.append(1) or F.linear(*a))
+    layer(torch.randn(2, 4))
+    assert calls == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    layer.double()(torch.randn(2, 4, dtype=torch.float64))
+    assert calls == [1]
+
+
+def test_restore_and_modes():
+    layer = nn.Linear(4, 3)
+    assert cpu_linear.use_onednn_linears(layer, "torch") == 0
+    assert "forward" not in layer.__dict__
+    cpu_linear.use_onednn_linears(layer, "onednn")
+    assert "forward" in layer.__dict__
+    clone = copy.deepcopy(layer)  # the swap travels with copies (the reference model)
+    assert clone.forward.__self__ is clone
+    cpu_linear.restore_linears(layer)
+    assert "forward" not in layer.__dict__
+    with pytest.raises(ValueError, match="cpu_linear must be one of"):
+        cpu_linear.use_onednn_linears(layer, "mkl")
+
+
+def test_auto_decides_by_timing(monkeypatch):
+    layer = nn.Linear(16, 32)
+    monkeypatch.setattr(cpu_linear, "onednn_is_faster", lambda i, o: (i, o) == (16, 32))
+    assert cpu_linear.use_onednn_linears(layer, "auto") == 1
+    other = nn.Linear(16, 8)
+    assert cpu_linear.use_onednn_linears(other, "auto") == 0
