@@ -32,6 +32,9 @@ class Batch:
     # sequences and FORGET for the others.
     position_ids: torch.Tensor | None = None  # (R, T) long
     token_kind: torch.Tensor | None = None  # (R, T) long
+    # Packed batches only: the row indices (within their kind) packed into each sequence, in
+    # order; ``row_index`` then holds the first of them. The cached reference reads these.
+    members: list[list[int]] | None = None
 
     @property
     def real_fraction(self) -> float:
@@ -135,7 +138,7 @@ def pack_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch:
         kind[s] = 2 if rows[members[0]].kind == 2 else 0
     seq_index = torch.tensor([index[m[0]] for m in seqs], dtype=torch.long)
     return Batch(input_ids, mask, labels, kind, seq_index, int(mask.sum()), n * capacity,
-                 positions, token_kind)
+                 positions, token_kind, [[index[i] for i in m] for m in seqs])
 
 
 class UnlearnBatcher:

@@ -281,8 +281,6 @@ def validate(cfg: RunConfig) -> None:
          "model.reference must be auto, copy, adapters or cached"),
         (cfg.model.reference != "adapters" or cfg.model.lora,
          "model.reference=adapters needs model.lora=true"),
-        (not (t.packing and cfg.model.reference == "cached"),
-         "model.reference=cached does not work with train.packing yet: add train.packing=false"),
         (cfg.model.reference != "copy" or not cfg.model.lora,
          "model.lora=true takes model.reference=adapters or cached, not copy"),
         (d.max_length >= 8, "data.max_length must be >= 8"),

@@ -116,7 +116,7 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
             and ref.cache is not None:
         # Cached reference: rows in batch order, valid positions in column order == sel's order.
         sel = is_normal.nonzero().squeeze(1)
-        ref_h = ref.cached_hidden(batch.row_index[normal_rows])
+        ref_h = ref.cached_hidden(_normal_row_indices(batch, normal_rows))
         if ref_h.shape[0] != sel.numel():
             raise ValueError("reference cache does not match the batch's normal rows "
                              "(normal set or tokenisation changed): rebuild the cache")
@@ -143,6 +143,16 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
                         eps_mismatch=weights.eps_mismatch, eps_normal=weights.eps_normal,
                         bias=bias, ref_bias=ref_bias, softcap=head.softcap, reduction=reduction,
                         backend=backend, chunk_rows=chunk_rows, num_rows=_counts(kinds, ref_hidden))
+
+
+def _normal_row_indices(batch: Batch, normal_rows: torch.Tensor) -> torch.Tensor:
+    """Indices of the normal rows in batch order. A packed sequence holds several rows back to
+    back, and its valid positions are theirs in that order (each row's first label is ignored,
+    so no position predicts across a row boundary)."""
+    if batch.members is None:
+        return batch.row_index[normal_rows]
+    return torch.tensor([i for s in normal_rows.tolist() for i in batch.members[s]],
+                        dtype=torch.long)
 
 
 def _counts(kinds: torch.Tensor, ref_hidden) -> tuple[int, int, int]:

@@ -172,7 +172,7 @@ def test_grad_accum_and_sum_equivalence_smoke(tiny_dir, tmp_path):
 def test_cached_reference_run(tiny_dir, tmp_path):
     """model.reference=cached keeps its cache inside the run folder; the output appears whole."""
     out = tmp_path / "run"
-    assert main(base_args(tiny_dir, out) + ["model.reference=cached", "train.packing=false"]) == 0
+    assert main(base_args(tiny_dir, out) + ["model.reference=cached"]) == 0
     assert (out / "summary.json").exists() and (out / "refcache").is_dir()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["normal_kl"] > 0  # measured against the first state's snapshot

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastunlearn.batching import UnlearnBatcher
+from fastunlearn.data import Row
 from fastunlearn.inputs import tokenize_all
 from fastunlearn.losses import KIND_NORMAL
 from fastunlearn.models import frozen_copy
@@ -39,17 +40,24 @@ def _loss(model, runner, batch):
     return out, model.model.layers[1].self_attn.q_proj.weight.grad.clone()
 
 
-def test_cached_loss_equals_live_loss():
+@pytest.mark.parametrize("pack", [False, True])
+def test_cached_loss_equals_live_loss(pack):
     tok, model, ref, rows = _setup()
+    if pack:  # answer-only tails of the normal rows: two of them fit in one packed sequence
+        rows[KIND_NORMAL] = [Row(r.input_ids[-28:], r.labels[-28:], r.kind)
+                             for r in rows[KIND_NORMAL]]
     live = ReferenceRunner(model, ref)
     cache = build_reference_cache(live, rows[KIND_NORMAL], device=CPU,
                                   compute_dtype=torch.float32, pad_id=tok.pad_token_id,
                                   batch_rows=4)
     assert cache.hidden.dtype == torch.float32 and cache.n_rows == len(rows[KIND_NORMAL])
     cached = ReferenceRunner(model, None, cache=cache)
-    batcher = UnlearnBatcher(rows, 3, tok.pad_token_id, 0)
+    batcher = UnlearnBatcher(rows, 3, tok.pad_token_id, 0, pack=pack)
+    shared = 0  # packed normal sequences holding more than one row
     for _ in range(3):
         batch = batcher.next()
+        if pack:
+            shared += sum(len(m) > 1 for m, k in zip(batch.members, batch.kind) if k == 2)
         out_live, g_live = _loss(model, live, batch)
         out_cached, g_cached = _loss(model, cached, batch)
         assert float(out_live.normal_kl) > 1e-4  # the reference differs: the test can fail
@@ -57,6 +65,7 @@ def test_cached_loss_equals_live_loss():
                                    atol=1e-6)
         torch.testing.assert_close(out_cached.loss, out_live.loss, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(g_cached, g_live, rtol=1e-5, atol=1e-7)
+    assert shared or not pack, "no packed sequence held two normal rows: the test proves little"
 
 
 def test_cache_layout_follows_valid_positions():
@@ -126,11 +135,12 @@ def test_cache_mismatch_is_an_error():
                          compute_dtype=torch.float32)
 
 
-def test_trainer_cached_reference_matches_copy(tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_trainer_cached_reference_matches_copy(tmp_path, packing):
     """Same seed, same data: a cached-reference run takes the same steps as a copy run."""
     runs = {}
     for mode in ("copy", "cached"):
-        cfg = tiny_cfg(steps=3)
+        cfg = tiny_cfg(steps=3, packing=packing)
         cfg.model.reference = mode
         cfg.model.reference_cache_dir = str(tmp_path / "cache")
         trainer = make_trainer(cfg)
@@ -156,5 +166,5 @@ def test_reference_config_errors(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config("default", overrides)
-    cfg = load_config("default", ["model.reference=cached", "train.packing=false"])
-    assert cfg.model.reference == "cached"
+    cfg = load_config("default", ["model.reference=cached"])
+    assert cfg.model.reference == "cached" and cfg.train.packing
