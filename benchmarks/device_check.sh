@@ -59,6 +59,11 @@ print(cuda_backend.load().__file__ if torch.cuda.is_available() else 'no CUDA')"
 step gpu_tests "${T_TESTS:-110}" env FASTUNLEARN_STRICT=1 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider \
     --durations=15 tests/
 
+# 2b. the C++ input-check test alone, with its full failure text (a native crash's faulthandler
+# trace) in the log: it crashed on the H200 image once
+step input_errors "${T_ERRORS:-40}" "$PY" -m pytest -m gpu -q -p no:cacheprovider --tb=short \
+    tests/test_cuda_sources.py -k input_errors
+
 HAS_CUDA=$(timeout 20 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 if [ "$HAS_CUDA" = "1" ]; then
     SHAPES=()  # the bench's defaults: the four shapes of issue 3

@@ -308,43 +308,112 @@ def test_cuda_torch_compile(no_tf32):
     torch.testing.assert_close(hc.grad, he.grad)
 
 
+def _row_pass_cases(dev: str) -> list:
+    """(expected message, row_pass arguments without softcap and stream) per invalid input."""
+    w = torch.randn(64, 8, device=dev)
+    z = torch.randn(4, 64, device=dev)
+    lab = torch.zeros(4, dtype=torch.long, device=dev)
+    sc = torch.ones(4, device=dev)
+    hc = torch.randn(4, 8, device=dev)
+    return [
+        ("labels must be int64", (z, None, lab.int(), sc, hc, w, None, None, 4)),
+        ("contiguous", (z.t().contiguous().t(), None, lab, sc, hc, w, None, None, 4)),
+        ("reference logits are required", (z, None, lab, sc, hc, w, None, None, 2)),
+        ("zr must be (2, 64)", (z, z[:3], lab, sc, hc, w, None, None, 2)),
+        ("weight must be (64, 8)", (z, None, lab, sc, hc, w[:, :4].contiguous(), None, None, 4)),
+        ("bias must be float32", (z, None, lab, sc, hc, w, sc, None, 4)),
+        ("logits must be float32, float16 or bfloat16", (z.double(), None, lab, sc, hc, w, None,
+                                                          None, 4)),
+    ]
+
+
 _INPUT_ERROR_SCRIPT = """
-import torch
-from fastunlearn.losses.cuda_backend import load
+import faulthandler, torch
+faulthandler.enable()  # a native crash prints where it happened
+from fastunlearn.losses.cuda_backend import load, _kernel_row_pass
+from tests.test_cuda_sources import _row_pass_cases
 ext = load()
-w = torch.randn(64, 8, device="cuda")
-z = torch.randn(4, 64, device="cuda")
-lab = torch.zeros(4, dtype=torch.long, device="cuda")
-sc = torch.ones(4, device="cuda")
-hc4 = torch.randn(4, 8, device="cuda")
-cases = [
-    ("labels must be int64", (z, None, lab.int(), sc, hc4, w, None, None, 0.0, 4, 0)),
-    ("must be a CUDA tensor", (z, None, lab, sc.cpu(), hc4, w, None, None, 0.0, 4, 0)),
-    ("contiguous", (z.t().contiguous().t(), None, lab, sc, hc4, w, None, None, 0.0, 4, 0)),
-    ("reference logits are required", (z, None, lab, sc, hc4, w, None, None, 0.0, 2, 0)),
-]
-for expected, args in cases:
+cases = _row_pass_cases("cuda")
+for expected, args in cases:  # the checks report as strings: no C++ exception involved
+    assert expected in ext.check_row_pass(*args), (expected, ext.check_row_pass(*args))
     try:
-        ext.row_pass(*args)
-    except RuntimeError as e:
+        _kernel_row_pass(*args[:8], 0.0, args[8])
+    except ValueError as e:
         assert expected in str(e), (expected, str(e))
-        print("ok", expected)
     else:
         raise AssertionError("no error for " + expected)
+    print("ok", expected, flush=True)
+print("checks done", flush=True)
+for expected, args in cases:  # the TORCH_CHECK inside row_pass: a C++ exception into Python
+    try:
+        ext.row_pass(*args[:8], 0.0, args[8], 0)
+    except RuntimeError as e:
+        assert expected in str(e), (expected, str(e))
+    print("raised", expected, flush=True)
 """
 
 
 @pytest.mark.gpu
 def test_cuda_input_errors_are_python_errors():
-    """The C++ checks raise clear Python errors. In a subprocess: a crash must not end the run."""
+    """The C++ checks give clear Python errors. In a subprocess: a crash must not end the run."""
     import subprocess
 
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, "-c", _INPUT_ERROR_SCRIPT], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert proc.stdout.count("ok ") == 4
+                          text=True, timeout=300, env=env, cwd=repo)
+    n = len(_row_pass_cases("cpu"))
+    # The wrapper's path (check_row_pass, then a Python ValueError) must hold in any case.
+    assert proc.stdout.count("ok ") == n, (proc.returncode, proc.stdout[-2000:],
+                                           proc.stderr[-3000:])
+    # row_pass's own TORCH_CHECK raising through pybind11: crashed on the H200 image once.
+    assert proc.returncode == 0 and proc.stdout.count("raised ") == n, (
+        proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+
+
+_STUB_LAUNCHER = """
+#include <cstdint>
+// CPU stand-in for unlearn_loss_kernels.cu: lets the binding load without CUDA (tests only).
+extern "C" int fastunlearn_row_pass(int, void*, const void*, int64_t, int64_t, int64_t,
+                                    const int64_t*, const float*, const void*, const void*,
+                                    int64_t, const float*, const float*, float, float*, void*) {
+  return 1;
+}
+extern "C" const char* fastunlearn_cuda_error_string(int) { return "stub launcher"; }
+"""
+
+
+@pytest.fixture(scope="module")
+def binding_on_cpu(tmp_path_factory):
+    """The CUDA binding (unlearn_loss_cuda.cpp) built for the CPU with a stub kernel launcher."""
+    from fastunlearn.losses._build import load_extension
+
+    src = tmp_path_factory.mktemp("binding")
+    shutil.copy(csrc_dir() / "unlearn_loss_cuda.cpp", src / "unlearn_loss_cuda.cpp")
+    (src / "stub_launcher.cpp").write_text(_STUB_LAUNCHER)
+    return load_extension("fu_cuda_binding_cpu", ["unlearn_loss_cuda.cpp", "stub_launcher.cpp"],
+                          cflags=["-O1"], source_dir=src)
+
+
+def test_binding_checks_report_messages_without_raising(binding_on_cpu):
+    for expected, args in _row_pass_cases("cpu"):
+        msg = binding_on_cpu.check_row_pass(*args, require_cuda=False)
+        assert expected in msg and msg.startswith("fastunlearn cuda backend: "), (expected, msg)
+        assert "must be a CUDA tensor" in binding_on_cpu.check_row_pass(*args)
+    valid = _row_pass_cases("cpu")[0][1]
+    valid = (valid[0], None, valid[2].long(), *valid[3:])
+    assert binding_on_cpu.check_row_pass(*valid, require_cuda=False) == ""
+
+
+def test_binding_row_pass_raises_and_wrapper_raises_value_error(binding_on_cpu, monkeypatch):
+    from fastunlearn.losses import cuda_backend
+
+    expected, args = _row_pass_cases("cpu")[0]
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        binding_on_cpu.row_pass(*args[:8], 0.0, args[8], 0)
+    monkeypatch.setattr(cuda_backend, "load", lambda build=True: binding_on_cpu)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        cuda_backend._kernel_row_pass(*args[:8], 0.0, args[8])
 
 
 if __name__ == "__main__":

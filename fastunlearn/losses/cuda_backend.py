@@ -126,6 +126,11 @@ def row_pass_reference(z, zr, labels, scale, hc, w, bias, ref_bias, softcap, ref
 
 def _kernel_row_pass(z, zr, labels, scale, hc, w, bias, ref_bias, softcap, ref_start):
     ext = load()
+    # The C++ checks report back as a string and the error is raised here, in Python: no C++
+    # exception has to cross into Python for bad input (see csrc/unlearn_loss_cuda.cpp).
+    error = ext.check_row_pass(z, zr, labels, scale, hc, w, bias, ref_bias, int(ref_start))
+    if error:
+        raise ValueError(error)
     with torch.cuda.device(z.device):
         stream = torch.cuda.current_stream(z.device).cuda_stream
         return ext.row_pass(z, zr, labels, scale, hc, w, bias, ref_bias, float(softcap or 0.0),
@@ -219,8 +224,7 @@ def _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, e
          need_dw):
     if hidden.device.type != "cuda":
         raise ValueError(f"the cuda backend needs CUDA tensors, got hidden on {hidden.device}")
-    # Checked here as well as in C++: on the H200 machine a C++ check failure crashed the
-    # process instead of raising (see tests/test_cuda_sources.py), so inputs are validated first.
+    # Devices of the caller's tensors, before any GEMM runs (the C++ checks see chunk tensors).
     for name, t in (("weight", weight), ("labels", labels), ("kind", kind),
                     ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("bias", bias),
                     ("ref_bias", ref_bias)):
