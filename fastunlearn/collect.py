@@ -83,7 +83,12 @@ def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu"):
     except ImportError:
         load_model_and_tokenizer = None
     if load_model_and_tokenizer is not None:
-        return load_model_and_tokenizer(spec, dtype=dtype, device=device)
+        from .cpu_linear import try_onednn_linears
+
+        model, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, device=device)
+        if str(device) == "cpu":
+            try_onednn_linears(model)  # faster generation on CPUs where oneDNN beats MKL
+        return model, tokenizer
     if not Path(spec).is_dir():
         raise DataError(f"model {spec!r}: not a local model directory (fastunlearn.models "
                         "is needed for other specs)")

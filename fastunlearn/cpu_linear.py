@@ -118,6 +118,16 @@ def use_onednn_linears(model: nn.Module, mode: str = "auto") -> int:
     return len(linears)
 
 
+def try_onednn_linears(model: nn.Module) -> int:
+    """``auto`` that never fails: nothing is swapped when the C++ extension cannot be built."""
+    from .losses._build import ExtensionBuildError
+
+    try:
+        return use_onednn_linears(model, "auto")
+    except ExtensionBuildError:
+        return 0
+
+
 def restore_linears(model: nn.Module) -> None:
     """Undo ``use_onednn_linears``."""
     for m in model.modules():

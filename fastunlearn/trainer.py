@@ -137,20 +137,23 @@ class Trainer:
         """fp32 on CPU: the nn.Linear GEMMs of both models through oneDNN when that is faster
         (see cpu_linear.py; about 2x on AMD processors). ``auto`` skips it quietly if the C++
         extension cannot be built; ``onednn`` fails then."""
-        from .cpu_linear import use_onednn_linears
+        from .cpu_linear import try_onednn_linears, use_onednn_linears
         from .losses._build import ExtensionBuildError
 
         mode = self.cfg.train.cpu_linear
         if self.device.type != "cpu" or self.compute_dtype != torch.float32 or mode == "torch":
             return
-        try:
-            for model in (self.policy, self.reference):
-                if model is not None:
-                    use_onednn_linears(model, mode)
-        except ExtensionBuildError as exc:
-            if mode == "onednn":
-                raise ConfigError(f"train.cpu_linear=onednn needs the C++ extension: {exc}") \
-                    from exc
+        for model in (self.policy, self.reference):
+            if model is None:
+                continue
+            if mode == "auto":
+                try_onednn_linears(model)
+                continue
+            try:
+                use_onednn_linears(model, mode)
+            except ExtensionBuildError as exc:
+                raise ConfigError(f"train.cpu_linear=onednn needs the C++ extension: "
+                                  f"{str(exc).splitlines()[0]}") from exc
 
     def _build_reference_cache(self, ref_dtype):
         """Reference hidden states of every normal row, loaded from or written to the cache dir."""

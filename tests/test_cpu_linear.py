@@ -107,3 +107,18 @@ def test_auto_decides_by_timing(monkeypatch):
     assert cpu_linear.use_onednn_linears(layer, "auto") == 1
     other = nn.Linear(16, 8)
     assert cpu_linear.use_onednn_linears(other, "auto") == 0
+
+
+def test_build_failure_auto_swaps_nothing_onednn_raises(monkeypatch):
+    from fastunlearn.losses._build import ExtensionBuildError
+
+    def broken():
+        raise ExtensionBuildError("building the fastunlearn extension failed: test")
+
+    monkeypatch.setattr(cpu_linear, "_ext", broken)
+    monkeypatch.setattr(cpu_linear, "_FASTER", {})
+    layer = nn.Linear(4, 3)
+    assert cpu_linear.try_onednn_linears(layer) == 0
+    assert "forward" not in layer.__dict__
+    with pytest.raises(ExtensionBuildError):
+        cpu_linear.use_onednn_linears(layer, "onednn")

@@ -62,9 +62,13 @@ def _device(name: str) -> str:
 
 def _load(spec: str, device: str):
     """(model, tokenizer) through the package loader (patched in tests)."""
+    from fastunlearn.cpu_linear import try_onednn_linears
     from fastunlearn.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(spec, dtype="float32", device=device)
+    model, tokenizer = load_model_and_tokenizer(spec, dtype="float32", device=device)
+    if device == "cpu":
+        try_onednn_linears(model)  # faster generation on CPUs where oneDNN beats MKL
+    return model, tokenizer
 
 
 def _load_data(recipe: str, seed: int, n_heldout: int):
