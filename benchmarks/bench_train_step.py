@@ -74,7 +74,7 @@ GPU_DEFAULT = [
 ]
 CPU_DEFAULT = [("smollm2-135m", 2, 128, ["paper", "ours", "ours+torchlin", "ours@chunked",
                                          "ours+cached", "ours+lora", "ours+lora+cached"])]
-QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora"])]
+QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora", "ours+torchlin"])]
 LORA_8B = [("llama-3-8b", 2, 512, ["ours+bf16w+lora+ckpt", "ours+bf16w+lora+cached+ckpt"]),
            ("llama-3-8b", 8, 1024, ["ours+bf16w+lora+ckpt"])]
 OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "torchlin")

@@ -27,7 +27,8 @@ def test_quick_mode_writes_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert (tmp_path / "o" / out.name).exists()  # $OUT copy
-    assert [r["impl"] for r in rows] == ["paper", "ours", "ours+cached", "ours+lora"]
+    assert [r["impl"] for r in rows] == ["paper", "ours", "ours+cached", "ours+lora",
+                                         "ours+torchlin"]
     for r in rows:
         assert "error" not in r, r
         for k in ("model", "B", "T", "impl", "ms_per_step", "tokens_per_s", "peak_gib",
@@ -41,7 +42,9 @@ def test_quick_mode_writes_rows(tmp_path):
         assert r["loss"] == pytest.approx(paper, rel=1e-3), r["impl"]
     refs = {r["impl"]: r["reference"] for r in rows}
     assert refs == {"paper": "copy", "ours": "copy", "ours+cached": "cached",
-                    "ours+lora": "adapters"}
+                    "ours+lora": "adapters", "ours+torchlin": "copy"}
+    gemms = {r["impl"]: r["linear_gemm"] for r in rows}
+    assert gemms["paper"] == gemms["ours+torchlin"] == "torch"
     lora = next(r for r in rows if r["impl"] == "ours+lora")
     assert lora["trainable_params"] < rows[1]["trainable_params"]
     assert "paper" in proc.stdout and "ms/step" in proc.stdout  # the table
@@ -51,7 +54,7 @@ def test_parse_impl():
     mod = _module()
     assert mod.parse_impl("ours+lora+ckpt@chunked") == {
         "name": "ours", "backend": "chunked", "lora": True, "cached": False, "bf16ref": False,
-        "ckpt": True, "bf16w": False}
+        "ckpt": True, "bf16w": False, "torchlin": False}
     assert mod.parse_impl("paper")["name"] == "paper"
     for bad in ("liger", "ours+fast", "paper+lora", "paper@chunked"):
         with pytest.raises(ValueError):
