@@ -21,7 +21,8 @@ the name: ``+lora`` (peft adapters, reference = adapters disabled), ``+cached`` 
 reference, no reference model in memory), ``+bf16ref`` (reference copy in bf16), ``+ckpt``
 (activation checkpointing), ``+bf16w`` (bf16 weights instead of fp32 master weights),
 ``+torchlin`` (CPU: keep torch's own GEMMs in the nn.Linear layers instead of the oneDNN ones
-that ``train.cpu_linear=auto`` picks, see fastunlearn/cpu_linear.py);
+that ``train.cpu_linear=auto`` picks, see fastunlearn/cpu_linear.py), ``+lean`` (RMSNorm /
+SwiGLU that save less for backward, ``model.lean_layers``, see fastunlearn/lean_layers.py);
 ``@name`` forces a loss backend (e.g. ``ours@chunked``).
 
 Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
@@ -68,16 +69,19 @@ MODELS = {
 
 # (model, B, T, impls) per preset. The GPU default fits about 1-2 minutes on an H100 / H200.
 GPU_DEFAULT = [
-    ("smollm2-135m", 8, 1024, ["paper", "ours", "ours+lora", "ours+cached", "ours+cached+ckpt"]),
-    ("llama-3.2-1b", 8, 1024, ["paper", "ours", "ours+ckpt", "ours+cached+ckpt"]),
+    ("smollm2-135m", 8, 1024, ["paper", "ours", "ours+lora", "ours+cached", "ours+cached+ckpt",
+                               "ours+lean", "ours+cached+lean"]),
+    ("llama-3.2-1b", 8, 1024, ["paper", "ours", "ours+lean", "ours+ckpt", "ours+cached+ckpt"]),
     ("llama-3.2-1b", 2, 512, ["paper", "ours", "ours+lora", "ours+cached", "ours+bf16ref"]),
 ]
 CPU_DEFAULT = [("smollm2-135m", 2, 128, ["paper", "ours", "ours+torchlin", "ours@chunked",
-                                         "ours+cached", "ours+lora", "ours+lora+cached"])]
-QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora", "ours+torchlin"])]
+                                         "ours+lean", "ours+cached", "ours+lora",
+                                         "ours+lora+cached"])]
+QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora", "ours+torchlin",
+                          "ours+lean"])]
 LORA_8B = [("llama-3-8b", 2, 512, ["ours+bf16w+lora+ckpt", "ours+bf16w+lora+cached+ckpt"]),
            ("llama-3-8b", 8, 1024, ["ours+bf16w+lora+ckpt"])]
-OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "torchlin")
+OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "torchlin", "lean")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -233,6 +237,7 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
                steps: int, backend: str = "auto", attn: str = "auto") -> dict:
     """Build, warm up, time. Returns one result row (no 'commit'/'torch' fields)."""
     from fastunlearn.cpu_linear import use_onednn_linears
+    from fastunlearn.lean_layers import use_lean_layers
     from fastunlearn.losses import resolve_backend
     from fastunlearn.models import frozen_copy, pick_attn_implementation
     from fastunlearn.reference_cache import build_reference_cache
@@ -296,6 +301,8 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
             ref = frozen_copy(policy, torch.bfloat16 if opt_["bf16ref"] else None)  # keeps them
             reference = "copy-bf16" if opt_["bf16ref"] else "copy"
         runner = ReferenceRunner(policy, ref, cache=cache)
+        if opt_["lean"]:
+            use_lean_layers(policy)
         if opt_["ckpt"]:
             enable_checkpointing(policy)
         policy.train()

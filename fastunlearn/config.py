@@ -30,6 +30,7 @@ class ModelSection:
     reference_cache_dir: str | None = None  # cached: where to keep it (default: <out>/refcache)
     attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on CUDA, else sdpa
     gradient_checkpointing: bool = False
+    lean_layers: bool = False  # RMSNorm / SwiGLU that save less for backward (lean_layers.py)
     lora: bool = False  # train LoRA adapters; the reference is the model with adapters disabled
     lora_r: int = 16
     lora_alpha: int = 32

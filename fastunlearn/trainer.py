@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .batching import UnlearnBatcher
 from .config import ConfigError, RunConfig, validate
+from .lean_layers import use_lean_layers
 from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
 from .models import ModelError, frozen_copy, load_model_and_tokenizer, parse_dtype, save_model
 from .step import LossWeights, ReferenceRunner, kind_counts, micro_batch_loss
@@ -120,6 +122,9 @@ class Trainer:
             self.ref_cache = self._build_reference_cache(ref_dtype)
             self.reference = None  # freed: training reads the cache only
         self.ref_runner = ReferenceRunner(self.policy, self.reference, cache=self.ref_cache)
+        if cfg.model.lean_layers and not use_lean_layers(self.policy):
+            warnings.warn("model.lean_layers=true: no RMSNorm or SwiGLU MLP module found in the "
+                          "model, nothing changed", stacklevel=2)
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             if hasattr(self.policy, "enable_input_require_grads"):

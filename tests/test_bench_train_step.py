@@ -28,7 +28,7 @@ def test_quick_mode_writes_rows(tmp_path):
     rows = json.loads(out.read_text())
     assert (tmp_path / "o" / out.name).exists()  # $OUT copy
     assert [r["impl"] for r in rows] == ["paper", "ours", "ours+cached", "ours+lora",
-                                         "ours+torchlin"]
+                                         "ours+torchlin", "ours+lean"]
     for r in rows:
         assert "error" not in r, r
         for k in ("model", "B", "T", "impl", "ms_per_step", "tokens_per_s", "peak_gib",
@@ -42,7 +42,7 @@ def test_quick_mode_writes_rows(tmp_path):
         assert r["loss"] == pytest.approx(paper, rel=1e-3), r["impl"]
     refs = {r["impl"]: r["reference"] for r in rows}
     assert refs == {"paper": "copy", "ours": "copy", "ours+cached": "cached",
-                    "ours+lora": "adapters", "ours+torchlin": "copy"}
+                    "ours+lora": "adapters", "ours+torchlin": "copy", "ours+lean": "copy"}
     gemms = {r["impl"]: r["linear_gemm"] for r in rows}
     assert gemms["paper"] == gemms["ours+torchlin"] == "torch"
     lora = next(r for r in rows if r["impl"] == "ours+lora")
@@ -54,7 +54,7 @@ def test_parse_impl():
     mod = _module()
     assert mod.parse_impl("ours+lora+ckpt@chunked") == {
         "name": "ours", "backend": "chunked", "lora": True, "cached": False, "bf16ref": False,
-        "ckpt": True, "bf16w": False, "torchlin": False}
+        "ckpt": True, "bf16w": False, "torchlin": False, "lean": False}
     assert mod.parse_impl("paper")["name"] == "paper"
     for bad in ("liger", "ours+fast", "paper+lora", "paper@chunked"):
         with pytest.raises(ValueError):

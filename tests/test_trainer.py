@@ -223,3 +223,20 @@ def test_onednn_linears_train_like_torch_linears():
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-5)
     for (name, p), q in zip(a.policy.named_parameters(), b.policy.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_lean_layers_train_like_stock_layers():
+    """model.lean_layers=true swaps the policy's norms and MLPs and takes the same steps."""
+    runs = {}
+    for lean in (False, True):
+        cfg = tiny_cfg(steps=3)
+        cfg.model.lean_layers = lean
+        t = make_trainer(cfg)
+        t.setup()
+        swapped = [m for m in t.policy.modules()
+                   if type(m).__name__ == "LlamaRMSNorm" and "forward" in m.__dict__]
+        assert bool(swapped) == lean
+        runs[lean] = [t.train_step() for _ in range(3)]
+    for a, b in zip(runs[False], runs[True]):
+        for k in ("loss", "forget_nll", "mismatch_nll", "normal_kl"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
