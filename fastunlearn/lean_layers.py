@@ -15,8 +15,8 @@ The forward values are those of the stock modules (same operations, same dtypes)
 agree to rounding (tests/test_lean_layers.py). Saved bytes per token and layer, measured with
 ``activation_bytes_per_token`` below, are in the README.
 
-``use_lean_layers(model)`` swaps the forward of every matching module instance: RMSNorm-like
-modules (a ``weight`` and a ``variance_epsilon``) and gated MLPs with a SiLU activation
+``use_lean_layers(model)`` swaps the forward of every matching module instance: the RMSNorm
+classes listed in ``LLAMA_LIKE_RMSNORMS`` and gated MLPs with a SiLU activation
 (``gate_proj`` / ``up_proj`` / ``down_proj`` / ``act_fn``).
 """
 from __future__ import annotations
@@ -71,11 +71,10 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         gate, up = ctx.saved_tensors
-        g, u, gyf = gate.float(), up.float(), gy.float()
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        d_gate = gyf * u * sig * (1.0 + g * (1.0 - sig))
-        return d_gate.to(gate.dtype), (gyf * silu).to(up.dtype)
+        # the stock graph's own backward kernels: silu_backward(grad, x) is grad * silu'(x)
+        d_gate = torch.ops.aten.silu_backward(gy * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = gy * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up
 
 
 def _rmsnorm_forward(self, hidden_states):
@@ -89,10 +88,15 @@ def _mlp_forward(self, x):
     return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+# transformers' RMSNorm classes whose forward is Llama's, operation for operation (checked
+# against the installed transformers by tests/test_lean_layers.py). Others (Gemma's 1 + weight,
+# OLMo-2's multiply before the cast) are left alone.
+LLAMA_LIKE_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+                       "Phi3RMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm")
+
+
 def _is_rmsnorm(m: nn.Module) -> bool:
-    return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None),
-                                                                  torch.Tensor)
-            and m.weight.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), float))
+    return type(m).__name__ in LLAMA_LIKE_RMSNORMS
 
 
 _SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's and transformers' (F.silu both)

@@ -90,3 +90,46 @@ def test_lora_model_with_lean_layers_trains():
     out.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert grads and all(g is not None for g in grads)
+
+
+def test_listed_rmsnorms_have_llamas_forward():
+    """The lean RMSNorm reproduces LlamaRMSNorm.forward; every listed class must share it."""
+    import importlib
+    import inspect
+
+    from fastunlearn.lean_layers import LLAMA_LIKE_RMSNORMS
+
+    llama = importlib.import_module("transformers.models.llama.modeling_llama").LlamaRMSNorm
+    source = inspect.getsource(llama.forward)
+    assert "hidden_states.to(torch.float32)" in source and "self.weight * hidden_states.to(" \
+        in source, source
+    checked = 0
+    for name in LLAMA_LIKE_RMSNORMS:
+        module_name = name[: -len("RMSNorm")].lower()
+        try:
+            mod = importlib.import_module(f"transformers.models.{module_name}.modeling_"
+                                          f"{module_name}")
+        except ImportError:
+            continue
+        assert inspect.getsource(getattr(mod, name).forward) == source, name
+        checked += 1
+    assert checked >= 3
+
+
+def test_activation_memory_benchmark_runs(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_activation_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_activation_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.delenv("OUT", raising=False)
+    assert mod.main(["--out", str(tmp_path / "a.json")]) == 0
+    rows = json.loads((tmp_path / "a.json").read_text())
+    assert len(rows) == 8
+    by = {(r["model"], r["precision"], r["impl"]): r["bytes_per_token_layer"] for r in rows}
+    for (model, precision, impl), b in by.items():
+        if impl == "lean":
+            assert b < by[(model, precision, "stock")], (model, precision)
