@@ -192,7 +192,7 @@ def test_torch_compile_inductor_gpu():
 def test_fp32_dw_accumulation_uses_out_dtype_gemm():
     """On CUDA the bf16 GEMM with fp32 output (beta = 1 into dW) must be available;
     the upcast fallback is exact but several times slower."""
-    from fastunlearn.triton_kernels import fused_loss as fl
+    from fastunlearn.triton_kernels import dw_accumulate as fl
 
     mode = fl._probe_addmm_f32(torch.device("cuda"))
     print("dW accumulation mode:", mode, "torch", torch.__version__)

@@ -290,7 +290,7 @@ def test_bf16_two_x_rule_tiny():
 def test_accumulate_dw_modes(monkeypatch, mode):
     """Every fp32 dW accumulation path (chosen by a probe of the installed torch) is exact
     up to fp32 rounding; paths the local torch lacks are skipped."""
-    from fastunlearn.triton_kernels import fused_loss as fl
+    from fastunlearn.triton_kernels import dw_accumulate as fl
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(24, 300, generator=g).bfloat16()

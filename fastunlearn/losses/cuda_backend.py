@@ -5,7 +5,8 @@ Per chunk of R valid rows (kind order forget, mismatch, normal, so the normal ro
     ZR = HR_c W_ref^T for the normal suffix
     row pass kernel: NLL / KL per row and dZ in place (online softmax for both models in one
         read, fp32 math, fp32 target logit)
-    dX_c = dZ W;  dW += dZ^T H_c accumulated in fp32 (addmm with out_dtype where torch has it)
+    dX_c = dZ W;  dW += dZ^T H_c accumulated in fp32 by the GEMM itself (beta = 1; see
+        triton_kernels/dw_accumulate.py, shared with the triton backend)
 FLOPs: the GEMM floor 2NHV (Z) + 2 Nn HV (ZR) + 2NHV (dX) + 2NHV (dW). One host synchronisation
 per call (the number of valid rows sizes the GEMMs); counts and terms stay on the device.
 
@@ -18,7 +19,6 @@ import shutil
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from ._build import ExtensionBuildError, load_extension
 from .cpp_backend import _needs_grad, register_fused_op
@@ -61,27 +61,6 @@ def default_chunk_rows(vocab: int, itemsize: int = 2, workspace_mb: Optional[int
     mb = workspace_mb or int(os.environ.get("FASTUNLEARN_WORKSPACE_MB", DEFAULT_WORKSPACE_MB))
     rows = (mb * 2**20) // (2 * itemsize * max(vocab, 1))
     return int(max(64, min(MAX_CHUNK_ROWS, rows)))
-
-
-def _addmm_fp32(dw: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
-    """dw (fp32) (+)= a @ b; for bf16 / fp16 a, b the GEMM accumulates and writes fp32."""
-    if a.dtype == torch.float32:
-        if first:
-            torch.mm(a, b, out=dw)
-        else:
-            dw.addmm_(a, b)
-        return
-    try:  # torch >= 2.8 on CUDA: mm with out_dtype (addmm's out_dtype needs self in bf16)
-        if first:
-            torch.mm(a, b, out_dtype=torch.float32, out=dw)
-        else:
-            dw.add_(torch.mm(a, b, out_dtype=torch.float32))
-    except (TypeError, RuntimeError):  # older torch: half-precision GEMM output, fp32 sum
-        part = torch.mm(a, b)
-        if first:
-            dw.copy_(part)
-        else:
-            dw.add_(part)
 
 
 def row_pass_reference(z, zr, labels, scale, hc, w, bias, ref_bias, softcap, ref_start):
@@ -146,6 +125,8 @@ def cuda_forward_backward(hidden, weight, labels, kind, ref_hidden, ref_weight, 
     ``row_pass`` is the CUDA kernel; tests pass :func:`row_pass_reference` to run the same
     driver on CPU tensors.
     """
+    from fastunlearn.triton_kernels.dw_accumulate import accumulate_dw
+
     device = hidden.device
     bt, h_dim = hidden.shape
     vocab = weight.shape[0]
@@ -207,8 +188,8 @@ def cuda_forward_backward(hidden, weight, labels, kind, ref_hidden, ref_weight, 
             # 4. dX, dW (fp32 accumulation), db
             if need_dx:
                 d_hidden.index_copy_(0, idx, (z @ w).to(hidden.dtype))
-            if need_dw:
-                _addmm_fp32(d_weight, z.t(), hc, first=(s == 0))
+            if need_dw:  # fp32 accumulation inside the GEMM (beta = 1), no (V, H) temporary
+                accumulate_dw(d_weight, z, hc)
             if bias is not None:
                 d_bias += z.sum(0, dtype=torch.float32)
     kind_sorted = torch.cat([torch.full((n,), k, device=device, dtype=torch.long)
