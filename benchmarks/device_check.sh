@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU check: build the extensions, the GPU tests of every backend, the loss
 # benchmark on the four head shapes, the torch.compile baseline, the train-step
-# benchmark and the 8B LoRA memory check. Copies logs and JSON into $OUT (default ./device_out).
+# benchmark, the 8B LoRA memory check and the activation bytes per token (stock vs lean
+# layers). Copies logs and JSON into $OUT (default ./device_out).
 # Every step has its own timeout (T_* variables) and a failing step never stops the next one.
 # Budget: < 8 minutes on an H100 / H200 (torch 2.11, triton 3.6, no network). Wheels of missing
 # optional packages (liger-kernel) in .whl/ are installed first when present.
@@ -87,11 +88,14 @@ step bench_compile "${T_COMPILE:-45}" "$PY" benchmarks/bench_loss.py --quick \
 if [ "$HAS_CUDA" = "1" ]; then
     step train_step "${T_TRAIN:-100}" "$PY" benchmarks/bench_train_step.py
     step lora_8b "${T_LORA8B:-45}" "$PY" benchmarks/bench_train_step.py --lora-8b
+    step activation_memory "${T_ACT:-40}" "$PY" benchmarks/bench_activation_memory.py \
+        --device cuda
 else
     step train_step 120 "$PY" benchmarks/bench_train_step.py --quick
 fi
 
-cp -f benchmarks/results/bench_loss_*.json benchmarks/results/train_step_*.json "$OUT"/ 2> /dev/null
+cp -f benchmarks/results/bench_loss_*.json benchmarks/results/train_step_*.json \
+    benchmarks/results/activation_memory_*.json "$OUT"/ 2> /dev/null
 echo "device_check done in $(( $(date +%s) - T0 ))s; files in $OUT" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"
 exit 0
