@@ -298,7 +298,8 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
         elif opt_["lora"]:
             ref, reference = None, "adapters"
         else:
-            ref = frozen_copy(policy, torch.bfloat16 if opt_["bf16ref"] else None)  # keeps them
+            # a deep copy: the swapped (oneDNN) linears come along
+            ref = frozen_copy(policy, torch.bfloat16 if opt_["bf16ref"] else None)
             reference = "copy-bf16" if opt_["bf16ref"] else "copy"
         runner = ReferenceRunner(policy, ref, cache=cache)
         if opt_["lean"]:
