@@ -64,7 +64,7 @@ class _OneDnnLinear(torch.autograd.Function):
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if (x.device.type == "cpu" and x.dtype == torch.float32
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
             and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
         return _OneDnnLinear.apply(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)

@@ -84,6 +84,7 @@ def test_autocast_and_other_dtypes_fall_back_to_f_linear(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
     layer.double()(torch.randn(2, 4, dtype=torch.float64))
+    layer.float()(torch.randn(0, 4))  # no rows: nothing for oneDNN to do
     assert calls == [1]
 
 
