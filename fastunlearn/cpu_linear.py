@@ -13,6 +13,7 @@ back to ``F.linear`` for anything but fp32 CPU tensors outside autocast.
 """
 from __future__ import annotations
 
+import functools
 import time
 import types
 from collections import Counter
@@ -25,6 +26,7 @@ MODES = ("auto", "onednn", "torch")
 _FASTER: dict[tuple[int, int], bool] = {}
 
 
+@functools.cache  # called on every linear forward / backward; a failed build is not cached
 def _ext():
     from .losses import cpp_backend
 
@@ -72,7 +74,7 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def onednn_is_faster(in_features: int, out_features: int, rows: int = 256) -> bool:
-    """Times one (rows, in) x (in, out) fp32 GEMM both ways (about 0.1 s, once per shape)."""
+    """Times one (rows, in) x (in, out) fp32 GEMM both ways (once per shape)."""
     key = (in_features, out_features)
     if key not in _FASTER:
         ext = _ext()

@@ -244,6 +244,16 @@ def _compile(name, srcs, build_dir, cflags, cuda_cflags, ldflags, with_cuda):
         raise _fail(name, build_dir, type(exc).__name__, str(exc)) from exc
 
 
+def extension_status(load, device_type, name: str) -> tuple[bool, str]:
+    """(available, reason) for a backend's registry probe. ``load(build=...)`` imports the
+    extension; a device-less probe (``device_type=None``, listing the backends) never compiles."""
+    try:
+        mod = load(build=device_type is not None)
+    except ExtensionBuildError as exc:
+        return False, str(exc).splitlines()[0]
+    return True, f"built ({getattr(mod, '__file__', name)})"
+
+
 def cpu_arch_flags() -> list[str]:
     """Flags for the CPU backend: -O3 plus -march=native unless FASTUNLEARN_CPU_FLAGS says else.
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._build import ExtensionBuildError, cpu_arch_flags, load_extension
+from ._build import cpu_arch_flags, extension_status, load_extension
 from .registry import Backend, register_backend
 from .types import IGNORE_INDEX, LossOutput, check_options
 
@@ -214,11 +214,7 @@ def _availability(device_type):
     backends) only reports whether it is already built."""
     if device_type not in (None, "cpu"):
         return False, f"runs on cpu, not {device_type}"
-    try:
-        mod = load(build=device_type is not None)
-    except ExtensionBuildError as exc:
-        return False, str(exc).splitlines()[0]
-    return True, f"built ({getattr(mod, '__file__', EXT_NAME)})"
+    return extension_status(load, device_type, EXT_NAME)
 
 
 register_backend(Backend("cpp", cpp_unlearn_loss, ("cpu",), priority=20,

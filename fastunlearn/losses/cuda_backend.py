@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ._build import ExtensionBuildError, load_extension
+from ._build import extension_status, load_extension
 from .cpp_backend import _needs_grad, register_fused_op
 from .registry import Backend, register_backend
 from .types import IGNORE_INDEX, KIND_NORMAL, LossOutput, check_options
@@ -63,33 +63,29 @@ def default_chunk_rows(vocab: int, itemsize: int = 2, workspace_mb: Optional[int
     return int(max(64, min(MAX_CHUNK_ROWS, rows)))
 
 
+def _biased_capped(x, bias, softcap):
+    """x + bias, then the soft-cap c * tanh(x / c) when one is set."""
+    if bias is not None:
+        x = x + bias
+    return softcap * torch.tanh(x / softcap) if softcap else x
+
+
 def row_pass_reference(z, zr, labels, scale, hc, w, bias, ref_bias, softcap, ref_start):
     """The row pass in PyTorch with the kernel's exact contract (used to test the driver on CPU
     and as a readable specification). z (R, V) is overwritten with dz; returns val (R,) fp32."""
-    x = z.float()
-    if bias is not None:
-        x = x + bias
-    if softcap:
-        x = softcap * torch.tanh(x / softcap)
+    x = _biased_capped(z.float(), bias, softcap)
     lse = torch.logsumexp(x, dim=1)
     p = torch.exp(x - lse[:, None])
     rows = z.shape[0]
     val = torch.empty(rows, dtype=torch.float32, device=z.device)
     if ref_start > 0:  # policy rows: fp32 target logit from the hidden row and W[y]
         y = labels[:ref_start]
-        zy = (hc[:ref_start].float() * w[y].float()).sum(1)
-        if bias is not None:
-            zy = zy + bias[y]
-        if softcap:
-            zy = softcap * torch.tanh(zy / softcap)
+        zy = _biased_capped((hc[:ref_start].float() * w[y].float()).sum(1),
+                            None if bias is None else bias[y], softcap)
         val[:ref_start] = lse[:ref_start] - zy
         p[torch.arange(ref_start, device=z.device), y] -= 1.0
     if ref_start < rows:
-        xr = zr.float()
-        if ref_bias is not None:
-            xr = xr + ref_bias
-        if softcap:
-            xr = softcap * torch.tanh(xr / softcap)
+        xr = _biased_capped(zr.float(), ref_bias, softcap)
         log_q = torch.log_softmax(xr, dim=1)
         q = log_q.exp()
         xn = x[ref_start:]
@@ -268,11 +264,7 @@ def _availability(device_type):
 
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return False, "nvcc not found (set CUDA_HOME) to build the extension"
-    try:  # a device-less probe (listing the backends) does not compile
-        mod = load(build=device_type is not None)
-    except ExtensionBuildError as exc:
-        return False, str(exc).splitlines()[0]
-    return True, f"built ({getattr(mod, '__file__', EXT_NAME)})"
+    return extension_status(load, device_type, EXT_NAME)
 
 
 register_backend(Backend("cuda", cuda_unlearn_loss, ("cuda",), priority=90,
