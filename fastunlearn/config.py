@@ -85,6 +85,9 @@ class TrainSection:
     stop_extra_steps: int = 0  # ...and the steps still taken after it is passed
     threads: int | None = None  # torch CPU threads (None = torch default)
     cpu_linear: str = "auto"  # fp32 on CPU: auto | onednn | torch GEMMs for nn.Linear layers
+    # auto: adamw_sr when a trainable weight is bf16 (model.dtype=bfloat16), else adamw
+    # | adamw (torch.optim.AdamW, fused) | adamw_sr (stochastic rounding, see optim.py)
+    optimizer: str = "auto"
 
 
 @dataclass
@@ -277,6 +280,8 @@ def validate(cfg: RunConfig) -> None:
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
         (t.cpu_linear in ("auto", "onednn", "torch"),
          "train.cpu_linear must be auto, onednn or torch"),
+        (t.optimizer in ("auto", "adamw", "adamw_sr"),
+         "train.optimizer must be auto, adamw or adamw_sr"),
         (d.kl_tokens in ("answer", "all"), "data.kl_tokens must be 'answer' or 'all'"),
         (cfg.model.reference in ("auto", "copy", "adapters", "cached"),
          "model.reference must be auto, copy, adapters or cached"),

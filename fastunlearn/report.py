@@ -141,7 +141,8 @@ def _markdown(summary: dict, plots: list[str]) -> str:
     before = summary.get("before") if isinstance(summary.get("before"), dict) else {}
     after = summary.get("after") if isinstance(summary.get("after"), dict) else {}
     facts = [("model", summary.get("model")), ("recipe", summary.get("recipe")),
-             ("backend", summary.get("backend")), ("steps", summary.get("steps")),
+             ("backend", summary.get("backend")), ("optimizer", summary.get("optimizer")),
+             ("steps", summary.get("steps")),
              ("wall seconds", summary.get("wall_seconds")),
              ("tokens / s", summary.get("tokens_per_second")),
              ("stopped early", summary.get("stopped_early"))]

@@ -23,6 +23,7 @@ from .config import ConfigError, RunConfig, validate
 from .lean_layers import use_lean_layers
 from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
 from .models import ModelError, frozen_copy, load_model_and_tokenizer, parse_dtype, save_model
+from .optim import StochasticRoundingAdamW
 from .step import LossWeights, ReferenceRunner, kind_counts, micro_batch_loss
 
 
@@ -38,6 +39,14 @@ def pick_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def pick_optimizer(name: str, params: list[torch.Tensor]) -> str:
+    """``auto``: bf16 trainable weights get stochastic-rounding AdamW (plain AdamW would round
+    away the small updates, see optim.py); fp32 ones get torch's fused AdamW."""
+    if name != "auto":
+        return name
+    return "adamw_sr" if any(p.dtype == torch.bfloat16 for p in params) else "adamw"
 
 
 def seed_everything(seed: int) -> None:
@@ -131,9 +140,15 @@ class Trainer:
                 self.policy.enable_input_require_grads()
         self.policy.train()
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay,
-                                           fused=self.device.type in ("cuda", "cpu"))
+        self.optimizer_name = pick_optimizer(cfg.train.optimizer, params)
+        if self.optimizer_name == "adamw_sr":
+            self.optimizer = StochasticRoundingAdamW(params, lr=cfg.train.lr,
+                                                     weight_decay=cfg.train.weight_decay,
+                                                     seed=cfg.train.seed)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr,
+                                               weight_decay=cfg.train.weight_decay,
+                                               fused=self.device.type in ("cuda", "cpu"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_schedule(cfg.train.warmup_steps, cfg.train.steps))
         self.evaluator = self._make_evaluator()
@@ -330,6 +345,7 @@ class Trainer:
             "wall_seconds": time.perf_counter() - wall,
             "train_seconds": self.train_seconds,
             "backend": self.backend,
+            "optimizer": self.optimizer_name,
             "device": str(self.device),
             "tokens_per_second": self.train_tokens / max(self.train_seconds, 1e-9),
             "stopped_early": self.stop_reason or False,

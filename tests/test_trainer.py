@@ -52,7 +52,7 @@ def heldout_forget_nll(trainer):
     w = LossWeights(1.0, 0.0, 0.0)
     with torch.no_grad():
         out = micro_batch_loss(trainer.policy, trainer.ref_runner, batch, w,
-                               device=torch.device("cpu"), compute_dtype=torch.float32)
+                               device=torch.device("cpu"), compute_dtype=trainer.compute_dtype)
     return float(out.forget_nll)
 
 
@@ -240,3 +240,30 @@ def test_lean_layers_train_like_stock_layers():
     for a, b in zip(runs[False], runs[True]):
         for k in ("loss", "forget_nll", "mismatch_nll", "normal_kl"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+
+
+def test_bf16_weights_train_with_stochastic_rounding_adamw():
+    """bf16 weights pick StochasticRoundingAdamW (auto) and unlearn about as an fp32 run does;
+    fp32 weights keep torch's AdamW."""
+    from fastunlearn.optim import StochasticRoundingAdamW
+
+    fp32 = make_trainer(tiny_cfg(steps=15))
+    fp32.setup()
+    assert fp32.optimizer_name == "adamw"
+    assert isinstance(fp32.optimizer, torch.optim.AdamW)
+    cfg = tiny_cfg(steps=15, precision="bf16")
+    bf16 = Trainer(cfg, model=tiny_llama(128, seed=0).to(torch.bfloat16),
+                   tokenizer=tiny_tokenizer(), recipe=tiny_recipe(), progress=False)
+    bf16.setup()
+    assert bf16.optimizer_name == "adamw_sr"
+    assert isinstance(bf16.optimizer, StochasticRoundingAdamW)
+    rise = {}
+    for name, t in (("fp32", fp32), ("bf16", bf16)):
+        before = heldout_forget_nll(t)
+        for _ in range(15):
+            t.train_step()
+        rise[name] = heldout_forget_nll(t) - before
+    assert rise["fp32"] > 0.25, rise  # gradient ascent on the forget rows (0.39 here)
+    assert rise["bf16"] == pytest.approx(rise["fp32"], rel=0.3), rise
+    state = bf16.optimizer.state[next(bf16.policy.parameters())]
+    assert state["exp_avg"].dtype == torch.bfloat16
