@@ -20,7 +20,8 @@ normal], reference on the normal rows only, ignored rows dropped, fused loss bac
 the name: ``+lora`` (peft adapters, reference = adapters disabled), ``+cached`` (cached
 reference, no reference model in memory), ``+bf16ref`` (reference copy in bf16), ``+ckpt``
 (activation checkpointing), ``+bf16w`` (bf16 weights instead of fp32 master weights),
-``+torchlin`` (CPU: keep torch's own GEMMs in the nn.Linear layers instead of the oneDNN ones
+``+sr`` (with ``+bf16w``: StochasticRoundingAdamW with bf16 moments instead of torch's
+AdamW, 8 bytes per trainable parameter, see fastunlearn/optim.py), ``+torchlin`` (CPU: keep torch's own GEMMs in the nn.Linear layers instead of the oneDNN ones
 that ``train.cpu_linear=auto`` picks, see fastunlearn/cpu_linear.py), ``+lean`` (RMSNorm /
 SwiGLU that save less for backward, ``model.lean_layers``, see fastunlearn/lean_layers.py);
 ``@name`` forces a loss backend (e.g. ``ours@chunked``).
@@ -70,18 +71,20 @@ MODELS = {
 # (model, B, T, impls) per preset. The GPU default fits about 1-2 minutes on an H100 / H200.
 GPU_DEFAULT = [
     ("smollm2-135m", 8, 1024, ["paper", "ours", "ours+lora", "ours+cached", "ours+cached+ckpt",
-                               "ours+lean", "ours+cached+lean"]),
-    ("llama-3.2-1b", 8, 1024, ["paper", "ours", "ours+lean", "ours+ckpt", "ours+cached+ckpt"]),
-    ("llama-3.2-1b", 2, 512, ["paper", "ours", "ours+lora", "ours+cached", "ours+bf16ref"]),
+                               "ours+lean", "ours+cached+lean", "ours+bf16w+sr+cached+lean"]),
+    ("llama-3.2-1b", 8, 1024, ["paper", "ours", "ours+lean", "ours+ckpt", "ours+cached+ckpt",
+                               "ours+bf16w+sr+cached+lean"]),
+    ("llama-3.2-1b", 2, 512, ["paper", "ours", "ours+lora", "ours+cached", "ours+bf16ref",
+                              "ours+bf16w+sr", "ours+bf16w+sr+cached+lean"]),
 ]
 CPU_DEFAULT = [("smollm2-135m", 2, 128, ["paper", "ours", "ours+torchlin", "ours@chunked",
                                          "ours+lean", "ours+cached", "ours+lora",
                                          "ours+lora+cached"])]
 QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora", "ours+torchlin",
-                          "ours+lean"])]
+                          "ours+lean", "ours+bf16w+sr"])]
 LORA_8B = [("llama-3-8b", 2, 512, ["ours+bf16w+lora+ckpt", "ours+bf16w+lora+cached+ckpt"]),
            ("llama-3-8b", 8, 1024, ["ours+bf16w+lora+ckpt"])]
-OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "torchlin", "lean")
+OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "sr", "torchlin", "lean")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -99,6 +102,8 @@ def parse_impl(impl: str) -> dict:
         raise ValueError("paper takes only the +bf16w option")
     if name == "paper" and backend:
         raise ValueError("paper runs HF's own loss: no @backend")
+    if "sr" in opts and "bf16w" not in opts:
+        raise ValueError("+sr (stochastic-rounding AdamW) needs +bf16w")
     return {"name": name, "backend": backend or None, **{o: o in opts for o in OPTIONS}}
 
 
@@ -308,14 +313,19 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
             enable_checkpointing(policy)
         policy.train()
         params = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=2e-6, fused=True)  # CPU too: ~7x foreach
+        if opt_["sr"]:
+            from fastunlearn.optim import StochasticRoundingAdamW
+
+            opt = StochasticRoundingAdamW(params, lr=2e-6)
+        else:
+            opt = torch.optim.AdamW(params, lr=2e-6, fused=True)  # CPU too: ~7x foreach
         weights = LossWeights(*eps)
         chosen = resolve_backend(opt_["backend"] or backend, dev.type).name
 
         def step():
             return ours_step(policy, runner, batch, opt, weights, dev, compute_dtype, chosen,
                              params)
-        row.update(backend=chosen, reference=reference)
+        row.update(backend=chosen, reference=reference, optimizer=type(opt).__name__)
     row["trainable_params"] = sum(p.numel() for p in params)
 
     gc.collect()

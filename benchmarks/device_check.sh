@@ -86,7 +86,7 @@ step bench_compile "${T_COMPILE:-45}" "$PY" benchmarks/bench_loss.py --quick \
 
 # 5. whole unlearning step: paper-style vs ours (SmolLM2-135M, Llama-3.2-1B, random weights)
 if [ "$HAS_CUDA" = "1" ]; then
-    step train_step "${T_TRAIN:-100}" "$PY" benchmarks/bench_train_step.py
+    step train_step "${T_TRAIN:-130}" "$PY" benchmarks/bench_train_step.py
     step lora_8b "${T_LORA8B:-45}" "$PY" benchmarks/bench_train_step.py --lora-8b
     step activation_memory "${T_ACT:-40}" "$PY" benchmarks/bench_activation_memory.py \
         --device cuda

@@ -198,3 +198,26 @@ def test_kernel_random_bits_give_the_right_rounding_rates(impl):
     assert not torch.equal(ups[0], ups[1])
     # with independent draws the two seeds agree on about 0.25^2 + 0.75^2 of the elements
     assert abs(float((ups[0] == ups[1]).float().mean()) - 0.625) < 0.02
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_matches_adamw_and_keeps_small_updates():
+    """The compiled kernel (impl auto on CUDA): fp32 == torch AdamW; bf16 tracks fp32."""
+    pytest.importorskip("triton")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    init, grad = torch.randn(1 << 20, device=dev), torch.randn(1 << 20, device=dev)
+    ours, ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opt = _run(StochasticRoundingAdamW, [ours], [grad], 3, lr=1e-2, weight_decay=0.1)
+    _run(torch.optim.AdamW, [ref], [grad], 3, lr=1e-2, weight_decay=0.1)
+    assert opt._use_triton(ours)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+    n, steps, lr = 1 << 20, 40, 1e-4
+    ones = torch.ones(n, device=dev)
+    bf16 = torch.nn.Parameter(torch.ones(n, device=dev, dtype=torch.bfloat16))
+    fp32 = torch.nn.Parameter(torch.ones(n, device=dev))
+    _run(StochasticRoundingAdamW, [bf16], [ones], steps, lr=lr, weight_decay=0.0)
+    _run(torch.optim.AdamW, [fp32], [ones], steps, lr=lr, weight_decay=0.0)
+    moved, expected = 1 - bf16.detach().float().mean(), 1 - fp32.detach().mean()
+    assert abs(float(moved - expected)) < 1e-4, (float(moved), float(expected))
