@@ -385,6 +385,11 @@ at::Tensor gemm_py(const at::Tensor& a, const at::Tensor& b, at::Tensor c, doubl
   return c;
 }
 
+// csrc/adamw_sr_cpu.cpp (the optimizer step shares this extension: one build, one load)
+void adamw_sr_step(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
+                   at::Tensor exp_avg_sq, double beta1, double beta2, double eps, double decay,
+                   double step_size, double inv_bc2_sqrt, int64_t seed);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastunlearn fused unlearning loss, C++ CPU backend";
   m.def("set_gemm", &set_gemm, "select the GEMM engine: 'onednn' or 'aten'");
@@ -397,4 +402,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps_forget"), py::arg("eps_mismatch"), py::arg("eps_normal"),
         py::arg("softcap"), py::arg("reduction_sum"), py::arg("ignore_index"),
         py::arg("chunk_rows"), py::arg("need_dx") = true, py::arg("need_dw") = true);
+  m.def("adamw_sr_step", &adamw_sr_step,
+        "In-place AdamW step on bf16 param / grad with stochastically rounded stores",
+        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("decay"),
+        py::arg("step_size"), py::arg("inv_bc2_sqrt"), py::arg("seed"));
 }

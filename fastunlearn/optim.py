@@ -9,19 +9,22 @@ unbiased (E[round(x)] = x), so small updates accumulate in expectation instead o
 
 ``StochasticRoundingAdamW`` computes torch.optim.AdamW's update in fp32 and stores the weight
 and both moments back in their own dtypes, bf16 ones rounded stochastically. fp32 parameters
-get exactly AdamW. On CUDA the step is one Triton kernel per tensor
-(``triton_kernels/adamw_sr.py``); elsewhere the same math in PyTorch, in slices that bound the
-fp32 temporaries.
+get exactly AdamW. One pass per tensor: a Triton kernel on CUDA (``triton_kernels/adamw_sr.py``),
+a C++ loop on CPU (``csrc/adamw_sr_cpu.cpp``, in the ``cpp`` extension; same random bits); the
+same math in PyTorch slices otherwise (fp32 parameters, or no compiler).
 
 Approximation (documented in the README): a bf16 run is not bit-equal to an fp32-master run;
 each stored value carries zero-mean rounding noise of at most one bf16 spacing.
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 
+IMPLS = ("auto", "triton", "cpp", "torch")
 _SLICE = 1 << 22  # elements per fp32 slice on the PyTorch path (16 MiB per temporary)
 
 
@@ -69,6 +72,27 @@ def adamw_sr_torch(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
         _store(v, v32, generator)
 
 
+@functools.cache
+def _cpp_extension():
+    """The C++ extension, or None if it cannot be built here (PyTorch ops are used then)."""
+    from .losses import cpp_backend
+    from .losses._build import ExtensionBuildError
+
+    try:
+        return cpp_backend.load()
+    except ExtensionBuildError as exc:
+        warnings.warn(f"StochasticRoundingAdamW: C++ step unavailable, using PyTorch ops "
+                      f"({str(exc).splitlines()[0]})", stacklevel=3)
+        return None
+
+
+def _cpp_strict():
+    """impl="cpp": the extension or its build error."""
+    from .losses import cpp_backend
+
+    return cpp_backend.load()
+
+
 def _triton_usable(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -83,8 +107,9 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction; torch.optim.AdamW's defaults) whose
     weights and moments may be bf16: the update is computed in fp32 and every bf16 store is
     rounded stochastically. Moments are kept in ``state_dtype`` (default: bf16 for bf16
-    parameters, fp32 otherwise). ``impl``: ``auto`` (Triton kernel on CUDA, PyTorch elsewhere),
-    ``triton`` (CPU tensors through the Triton interpreter, for tests) or ``torch``.
+    parameters, fp32 otherwise). ``impl``: ``auto`` (Triton kernel on CUDA, C++ on CPU for bf16
+    parameters, PyTorch otherwise), ``triton`` (CPU tensors through the Triton interpreter, for
+    tests), ``cpp`` or ``torch``.
 
         opt = StochasticRoundingAdamW(model.parameters(), lr=2e-6, weight_decay=0.0)
         loss.backward(); opt.step(); opt.zero_grad()
@@ -98,8 +123,8 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                              f"{weight_decay})")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if impl not in ("auto", "triton", "torch"):
-            raise ValueError(f"impl must be auto, triton or torch, got {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
         self.state_dtype = state_dtype
@@ -119,12 +144,16 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
             self._generators[device] = torch.Generator(device).manual_seed(self._seed)
         return self._generators[device]
 
-    def _use_triton(self, p: torch.Tensor) -> bool:
-        if self.impl == "torch":
-            return False
-        if self.impl == "triton":
-            return True
-        return _triton_usable(p.device) and p.is_contiguous()
+    def _path(self, p: torch.Tensor, exp_avg: torch.Tensor) -> str:
+        """Which implementation updates ``p``: triton | cpp | torch."""
+        if self.impl != "auto":
+            return self.impl
+        if _triton_usable(p.device):
+            return "triton"
+        if p.device.type == "cpu" and p.dtype == p.grad.dtype == torch.bfloat16 and \
+                exp_avg.dtype in (torch.bfloat16, torch.float32) and _cpp_extension() is not None:
+            return "cpp"
+        return "torch"
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -161,11 +190,16 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         # Both paths work on contiguous tensors; a strided parameter is updated via a copy.
         target = p if p.is_contiguous() else p.contiguous()
         grad = grad.contiguous()
-        if self._use_triton(target):
+        path = self._path(p, exp_avg)
+        if path in ("triton", "cpp"):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seeds))
+        if path == "triton":
             from fastunlearn.triton_kernels.adamw_sr import adamw_sr_fwd
 
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seeds))
             adamw_sr_fwd(target, grad, exp_avg, exp_avg_sq, seed=seed, **hyper)
+        elif path == "cpp":
+            ext = _cpp_extension() if self.impl == "auto" else _cpp_strict()
+            ext.adamw_sr_step(target, grad, exp_avg, exp_avg_sq, seed=seed, **hyper)
         else:
             adamw_sr_torch(target, grad, exp_avg, exp_avg_sq,
                            generator=self._generator(p.device), **hyper)

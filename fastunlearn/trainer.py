@@ -35,9 +35,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+def pick_compute_dtype(precision: str, device: torch.device,
+                       weights: torch.dtype = torch.float32) -> torch.dtype:
+    """``auto``: bf16 autocast on CUDA or when the weights are bf16 anyway, else fp32."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        bf16 = device.type == "cuda" or weights == torch.bfloat16
+        return torch.bfloat16 if bf16 else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -89,7 +92,6 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
-        self.compute_dtype = pick_compute_dtype(cfg.train.precision, self.device)
         # Resolve the backend now so an unavailable explicit choice fails before any work.
         self.backend = resolve_backend(cfg.loss.backend, self.device.type).name
 
@@ -101,6 +103,8 @@ class Trainer:
                 attn_implementation=cfg.model.attn_implementation)
         else:
             self.policy, self.tokenizer = self._model.to(self.device), self._tokenizer
+        self.compute_dtype = pick_compute_dtype(cfg.train.precision, self.device,
+                                                self.policy.get_output_embeddings().weight.dtype)
         from .data import ensure_pad_token
         ensure_pad_token(self.tokenizer)
 

@@ -7,11 +7,26 @@ import torch
 from fastunlearn.optim import StochasticRoundingAdamW, adamw_sr_torch, stochastic_round_to_bf16
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.filterwarnings("ignore"))]
+BF16_IMPLS = [*IMPLS, "cpp"]  # the C++ step takes bf16 parameters only
 
 
 def _needs(impl):
     if impl == "triton":
         pytest.importorskip("triton")
+
+
+def _step(impl, p, g, m, v, seed, **hyper):
+    """One in-place step through the named implementation."""
+    if impl == "triton":
+        from fastunlearn.triton_kernels.adamw_sr import adamw_sr_fwd
+
+        adamw_sr_fwd(p, g, m, v, seed=seed, **hyper)
+    elif impl == "cpp":
+        from fastunlearn.losses import cpp_backend
+
+        cpp_backend.load().adamw_sr_step(p, g, m, v, seed=seed, **hyper)
+    else:
+        adamw_sr_torch(p, g, m, v, generator=torch.Generator().manual_seed(seed), **hyper)
 
 
 def _bf16_neighbours(x: torch.Tensor):
@@ -86,7 +101,7 @@ def test_strided_parameter_is_updated_in_place():
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BF16_IMPLS)
 def test_bf16_small_updates_accumulate_where_plain_adamw_loses_them(impl):
     _needs(impl)
     n, steps, lr = 4096, 40, 1e-4  # each update is 1/78 of a bf16 spacing at 1.0
@@ -108,7 +123,7 @@ def test_bf16_small_updates_accumulate_where_plain_adamw_loses_them(impl):
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BF16_IMPLS)
 def test_bf16_step_lands_next_to_the_fp32_result(impl):
     _needs(impl)
     torch.manual_seed(2)
@@ -121,12 +136,7 @@ def test_bf16_step_lands_next_to_the_fp32_result(impl):
     tensors = [t.to(torch.bfloat16) for t in (p0, g, m0, v0)]
     exact_from_bf16 = [t.float() for t in tensors]
     adamw_sr_torch(*exact_from_bf16, **hyper)
-    if impl == "triton":
-        from fastunlearn.triton_kernels.adamw_sr import adamw_sr_fwd
-
-        adamw_sr_fwd(*tensors, seed=11, **hyper)
-    else:
-        adamw_sr_torch(*tensors, generator=torch.Generator().manual_seed(11), **hyper)
+    _step(impl, *tensors, seed=11, **hyper)
     for got, want in zip((tensors[0], tensors[2], tensors[3]),
                          (exact_from_bf16[0], exact_from_bf16[2], exact_from_bf16[3])):
         # The kernel's fp32 op order differs from PyTorch's by a few fp32 ulps of the inputs;
@@ -171,7 +181,7 @@ def test_works_with_an_lr_scheduler_and_a_closure():
     assert torch.equal(p.detach(), torch.ones(4))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BF16_IMPLS)
 def test_kernel_random_bits_give_the_right_rounding_rates(impl):
     """m = 0.75 * 1 + 0.25 * (1 + 2^-7) = 1 + 2^-9: a quarter of the way to the next bf16, so a
     quarter of the elements round up; every seed draws a fresh set."""
@@ -183,12 +193,7 @@ def test_kernel_random_bits_give_the_right_rounding_rates(impl):
     for seed in (1, 2):
         p, m, v = (torch.ones(n, dtype=torch.bfloat16) for _ in range(3))
         g = torch.full((n,), 1 + 2**-7, dtype=torch.bfloat16)
-        if impl == "triton":
-            from fastunlearn.triton_kernels.adamw_sr import adamw_sr_fwd
-
-            adamw_sr_fwd(p, g, m, v, seed=seed, **hyper)
-        else:
-            adamw_sr_torch(p, g, m, v, generator=torch.Generator().manual_seed(seed), **hyper)
+        _step(impl, p, g, m, v, seed, **hyper)
         assert set(m.float().unique().tolist()) == {1.0, 1 + 2**-7}
         up = m.float() > 1
         rates.append(float(up.float().mean()))
@@ -210,7 +215,7 @@ def test_cuda_kernel_matches_adamw_and_keeps_small_updates():
     ours, ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
     opt = _run(StochasticRoundingAdamW, [ours], [grad], 3, lr=1e-2, weight_decay=0.1)
     _run(torch.optim.AdamW, [ref], [grad], 3, lr=1e-2, weight_decay=0.1)
-    assert opt._use_triton(ours)
+    assert opt._path(ours, opt.state[ours]["exp_avg"]) == "triton"
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
     n, steps, lr = 1 << 20, 40, 1e-4
@@ -221,3 +226,49 @@ def test_cuda_kernel_matches_adamw_and_keeps_small_updates():
     _run(torch.optim.AdamW, [fp32], [ones], steps, lr=lr, weight_decay=0.0)
     moved, expected = 1 - bf16.detach().float().mean(), 1 - fp32.detach().mean()
     assert abs(float(moved - expected)) < 1e-4, (float(moved), float(expected))
+
+
+def test_cpp_and_triton_draw_the_same_random_bits():
+    """Same seed, same element: the C++ loop and the Triton kernel round alike (they differ only
+    where fp32 operation order moves a value across a rounding threshold)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(4)
+    n = 5000
+    base = [torch.randn(n).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16),
+            (torch.randn(n) * 0.1).to(torch.bfloat16), (torch.rand(n) * 0.1).to(torch.bfloat16)]
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, decay=0.9999, step_size=1e-2,
+                 inv_bc2_sqrt=3.0)
+    runs = {}
+    for impl in ("cpp", "triton"):
+        tensors = [t.clone() for t in base]
+        _step(impl, *tensors, seed=77, **hyper)
+        runs[impl] = tensors
+    for i in (0, 2, 3):
+        same = (runs["cpp"][i] == runs["triton"][i]).float().mean()
+        assert float(same) > 0.995, (i, float(same))
+
+
+def test_cpp_step_rejects_bad_tensors():
+    from fastunlearn.losses import cpp_backend
+
+    ext = cpp_backend.load()
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, decay=1.0, step_size=1e-3, inv_bc2_sqrt=1.0,
+                 seed=1)
+    bf = torch.zeros(4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ext.adamw_sr_step(torch.zeros(4), torch.zeros(4), bf, bf.clone(), **hyper)
+    with pytest.raises(RuntimeError, match="same number"):
+        ext.adamw_sr_step(bf, torch.zeros(3, dtype=torch.bfloat16), bf.clone(), bf.clone(),
+                          **hyper)
+    with pytest.raises(RuntimeError, match="both"):
+        ext.adamw_sr_step(bf, bf.clone(), bf.clone(), torch.zeros(4), **hyper)
+
+
+def test_auto_picks_the_cpp_step_for_bf16_on_cpu():
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(torch.ones(8))
+    opt = StochasticRoundingAdamW([p, q], lr=1e-3)
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()
+    assert opt._path(p, opt.state[p]["exp_avg"]) == "cpp"
+    assert opt._path(q, opt.state[q]["exp_avg"]) == "torch"

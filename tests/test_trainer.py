@@ -251,11 +251,12 @@ def test_bf16_weights_train_with_stochastic_rounding_adamw():
     fp32.setup()
     assert fp32.optimizer_name == "adamw"
     assert isinstance(fp32.optimizer, torch.optim.AdamW)
-    cfg = tiny_cfg(steps=15, precision="bf16")
+    cfg = tiny_cfg(steps=15)  # precision auto: bf16, since the weights are
     bf16 = Trainer(cfg, model=tiny_llama(128, seed=0).to(torch.bfloat16),
                    tokenizer=tiny_tokenizer(), recipe=tiny_recipe(), progress=False)
     bf16.setup()
     assert bf16.optimizer_name == "adamw_sr"
+    assert bf16.compute_dtype == torch.bfloat16 and fp32.compute_dtype == torch.float32
     assert isinstance(bf16.optimizer, StochasticRoundingAdamW)
     rise = {}
     for name, t in (("fp32", fp32), ("bf16", bf16)):

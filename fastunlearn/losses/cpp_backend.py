@@ -17,7 +17,7 @@ from .registry import Backend, register_backend
 from .types import IGNORE_INDEX, LossOutput, check_options
 
 EXT_NAME = "fastunlearn_cpp_loss"
-SOURCES = ["unlearn_loss_cpu.cpp"]
+SOURCES = ["unlearn_loss_cpu.cpp", "adamw_sr_cpu.cpp"]
 DEFAULT_WORKSPACE_MB = 192
 
 
