@@ -33,7 +33,8 @@ def load(build: bool = True):
     the default ``auto`` uses oneDNN (bundled in libtorch) when it matches at::mm on a self-check.
     """
     global _GEMM_CHOSEN
-    flags = ["-O3", "-fopenmp", *cpu_arch_flags()]
+    # -fno-math-errno: lets the compiler vectorise sqrt (we never read errno)
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", *cpu_arch_flags()]
     ext = load_extension(EXT_NAME, SOURCES, cflags=flags, ldflags=["-fopenmp"], build=build)
     if not _GEMM_CHOSEN:
         _GEMM_CHOSEN = True
