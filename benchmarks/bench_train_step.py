@@ -21,13 +21,14 @@ the name: ``+lora`` (peft adapters, reference = adapters disabled), ``+cached`` 
 reference, no reference model in memory), ``+bf16ref`` (reference copy in bf16), ``+ckpt``
 (activation checkpointing), ``+bf16w`` (bf16 weights instead of fp32 master weights),
 ``+sr`` (with ``+bf16w``: StochasticRoundingAdamW with bf16 moments instead of torch's
-AdamW, 8 bytes per trainable parameter, see fastunlearn/optim.py), ``+torchlin`` (CPU: keep torch's own GEMMs in the nn.Linear layers instead of the oneDNN ones
-that ``train.cpu_linear=auto`` picks, see fastunlearn/cpu_linear.py), ``+lean`` (RMSNorm /
+AdamW, 8 bytes per trainable parameter, see fastunlearn/optim.py), ``+torchlin`` (CPU: keep
+torch's own GEMMs in the nn.Linear layers instead of the oneDNN ones that
+``train.cpu_linear=auto`` picks, see fastunlearn/cpu_linear.py), ``+lean`` (RMSNorm /
 SwiGLU that save less for backward, ``model.lean_layers``, see fastunlearn/lean_layers.py);
 ``@name`` forces a loss backend (e.g. ``ours@chunked``).
 
 Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
-weights); on CPU fp32 throughout. Timing: warm-up steps, then timed steps, median (CUDA
+weights); on CPU fp32 throughout (``+bf16w``: bf16 weights and bf16 autocast). Timing: warm-up steps, then timed steps, median (CUDA
 synchronised). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (weights, gradients,
 optimizer state and activations; stats reset after setup); on CPU the peak RSS (VmHWM, reset
 after setup) minus the RSS before the model was built, measured in one subprocess per config.

@@ -78,7 +78,8 @@ class TrainSection:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto: bf16 autocast on CUDA or with bf16 weights, else fp32 | fp32 | bf16
+    # auto: bf16 autocast on CUDA or with bf16 weights, else fp32 | fp32 | bf16
+    precision: str = "auto"
     bucket_by_length: bool = True  # draw rows of similar length together (less padding)
     packing: bool = False  # pack rows end to end (position ids restart) instead of padding
     stop_forget_nll: float | None = None  # paper's stop rule: forget NLL threshold...
