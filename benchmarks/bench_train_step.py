@@ -29,9 +29,10 @@ SwiGLU that save less for backward, ``model.lean_layers``, see fastunlearn/lean_
 
 Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
 weights); on CPU fp32 throughout (``+bf16w``: bf16 weights and bf16 autocast). Timing:
-warm-up steps, then timed steps, median (CUDA synchronised). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (weights, gradients,
-optimizer state and activations; stats reset after setup); on CPU the peak RSS (VmHWM, reset
-after setup) minus the RSS before the model was built, measured in one subprocess per config.
+warm-up steps, then timed steps, median (CUDA synchronised). Peak memory:
+``torch.cuda.max_memory_allocated`` on CUDA (weights, gradients, optimizer state and
+activations; stats reset after setup); on CPU the peak RSS (VmHWM, reset after setup) minus the
+RSS before the model was built, measured in one subprocess per config.
 """
 from __future__ import annotations
 
