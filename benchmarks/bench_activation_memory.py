@@ -5,7 +5,8 @@
 
 Counts every tensor autograd saves during a forward of the decoder stack (each storage once,
 parameters and their autocast copies excluded by differencing two sequence lengths) for the
-stock transformers modules and for ``model.lean_layers`` (fastunlearn/lean_layers.py), on
+stock transformers modules and for ``model.lean_layers`` (fastunlearn/lean_layers.py), with fp32
+weights (bf16 autocast or fp32) and with bf16 weights (``model.dtype=bfloat16``), on
 2-layer versions of the SmolLM2-135M and Llama-3.2-1B architectures (per-layer figures do not
 depend on the depth). ``projected_gib`` multiplies by the full depth and the 3 x 8 x 1024 tokens
 of the issue's GPU step: an estimate of the activation part of that step's peak memory, not a
@@ -59,11 +60,16 @@ def main(argv=None) -> int:
         depth, cfg["num_hidden_layers"] = cfg["num_hidden_layers"], 2
         torch.manual_seed(0)
         stock = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa")).to(device)
-        lean = copy.deepcopy(stock)
-        use_lean_layers(lean)
-        for precision, dtype in (("bf16 autocast", torch.bfloat16), ("fp32", None)):
-            for impl, model in (("stock", stock), ("lean", lean)):
-                b = bytes_per_token_layer(model, device, dtype, 2)
+        stock_bf16 = copy.deepcopy(stock).to(torch.bfloat16)  # model.dtype=bfloat16
+        models = {"stock": {"fp32": stock, "bf16": stock_bf16}, "lean": {}}
+        for weights, model in models["stock"].items():
+            models["lean"][weights] = copy.deepcopy(model)
+            use_lean_layers(models["lean"][weights])
+        for precision, dtype, weights in (("bf16 autocast", torch.bfloat16, "fp32"),
+                                          ("fp32", None, "fp32"),
+                                          ("bf16 weights", torch.bfloat16, "bf16")):
+            for impl in ("stock", "lean"):
+                b = bytes_per_token_layer(models[impl][weights], device, dtype, 2)
                 rows.append({"model": name, "precision": precision, "impl": impl,
                              "bytes_per_token_layer": round(b),
                              "projected_gib": round(b * depth * STEP_TOKENS / 2**30, 2),

@@ -9,7 +9,9 @@ product. Here:
 * ``RMSNorm``: saves the input and the per-token 1/rms (4 bytes) and recomputes the normalised
   tensor in backward; under autocast it returns the autocast dtype directly (what the next
   projections would cast it to anyway), so q / k / v (and gate / up) share one saved copy.
-* ``SwiGLU``: silu(gate) * up saving gate and up only; silu is recomputed in backward.
+* ``SwiGLU``: down_proj(silu(gate) * up) saving gate and up only; silu(gate) and the product
+  are recomputed in backward. (When down_proj is not a plain nn.Linear, e.g. LoRA-wrapped or on
+  cpu_linear.py's oneDNN path, the product is still saved: down_proj keeps it.)
 
 The forward values are those of the stock modules (same operations, same dtypes); gradients
 agree to rounding (tests/test_lean_layers.py). Saved bytes per token and layer, measured with
@@ -84,8 +86,53 @@ def _rmsnorm_forward(self, hidden_states):
         return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype)
 
 
+class _SwiGLUDown(torch.autograd.Function):
+    """down_proj(silu(gate) * up) saving gate and up only: the product, which a separate
+    down_proj would save for its weight gradient, is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, compute_dtype):
+        w = weight if compute_dtype is None else weight.to(compute_dtype)
+        b = bias if bias is None or compute_dtype is None else bias.to(compute_dtype)
+        ctx.save_for_backward(gate, up, w)
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        return F.linear(F.silu(gate) * up, w, b)  # the stock module's operations
+
+    @staticmethod
+    def backward(ctx, gy):
+        gate, up, w = ctx.saved_tensors
+        need_gate, need_up, need_w, need_b = ctx.needs_input_grad[:4]
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        d_w = d_b = d_gate = d_up = None
+        if need_w:
+            act = F.silu(gate) * up
+            d_w = (gy2.t() @ act.reshape(-1, act.shape[-1])).to(ctx.weight_dtype)
+        if need_b and ctx.has_bias:
+            d_b = gy2.sum(0).to(ctx.weight_dtype)
+        if need_gate or need_up:
+            d_act = gy @ w
+            if need_gate:
+                d_gate = torch.ops.aten.silu_backward(d_act * up, gate)
+            if need_up:
+                d_up = d_act * F.silu(gate)
+        return d_gate, d_up, d_w, d_b, None
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear running its own forward: not LoRA-wrapped, not swapped (cpu_linear.py)."""
+    return type(m) is nn.Linear and "forward" not in m.__dict__
+
+
 def _mlp_forward(self, x):
-    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    if not _plain_linear(down):
+        return down(_SwiGLU.apply(gate, up))
+    device_type = x.device.type
+    dtype = _autocast_dtype(device_type)
+    with torch.autocast(device_type, enabled=False) if dtype else contextlib.nullcontext():
+        return _SwiGLUDown.apply(gate, up, down.weight, down.bias, dtype)
 
 
 # transformers' RMSNorm classes whose forward is Llama's, operation for operation (checked

@@ -128,8 +128,44 @@ def test_activation_memory_benchmark_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     assert mod.main(["--out", str(tmp_path / "a.json")]) == 0
     rows = json.loads((tmp_path / "a.json").read_text())
-    assert len(rows) == 8
+    assert len(rows) == 12  # 2 models x 3 precisions x stock / lean
     by = {(r["model"], r["precision"], r["impl"]): r["bytes_per_token_layer"] for r in rows}
     for (model, precision, impl), b in by.items():
         if impl == "lean":
             assert b < by[(model, precision, "stock")], (model, precision)
+
+
+def _saved_bytes(fn, params):
+    """Bytes autograd saves (each storage once, parameters and their casts left out) in fn()."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("swapped_down", [False, True])
+def test_lean_mlp_saves_gate_and_up_only(swapped_down):
+    """Fused path: x, gate and up are saved (not silu(gate), not the product). With a down_proj
+    that is not a plain nn.Linear the product is saved by it, and the result is unchanged."""
+    stock = tiny_llama(seed=3, layers=1).model.layers[0].mlp
+    lean = copy.deepcopy(stock)
+    use_lean_layers(lean)
+    if swapped_down:  # what cpu_linear.py or a LoRA wrapper does: another forward
+        down = lean.down_proj
+        down.forward = lambda x, _d=down: torch.nn.functional.linear(x, _d.weight, _d.bias)
+    tokens, inter = 10, stock.gate_proj.out_features
+    x = torch.randn(1, tokens, stock.gate_proj.in_features, requires_grad=True)
+    x_bytes = x.numel() * 4
+    got = _saved_bytes(lambda: lean(x), list(lean.parameters()))
+    expected = x_bytes + 2 * tokens * inter * 4 + (tokens * inter * 4 if swapped_down else 0)
+    assert got == expected, (got, expected)
+    assert _saved_bytes(lambda: stock(x), list(stock.parameters())) > got
+    torch.testing.assert_close(lean(x), stock(x), rtol=0, atol=0)
