@@ -81,7 +81,8 @@ GPU_DEFAULT = [
 ]
 CPU_DEFAULT = [("smollm2-135m", 2, 128, ["paper", "ours", "ours+torchlin", "ours@chunked",
                                          "ours+lean", "ours+cached", "ours+lora",
-                                         "ours+lora+cached"])]
+                                         "ours+lora+cached", "ours+bf16w", "ours+bf16w+sr",
+                                         "ours+bf16w+sr+lean", "ours+bf16w+sr+cached+lean"])]
 QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora", "ours+torchlin",
                           "ours+lean", "ours+bf16w+sr"])]
 LORA_8B = [("llama-3-8b", 2, 512, ["ours+bf16w+lora+ckpt", "ours+bf16w+lora+cached+ckpt"]),

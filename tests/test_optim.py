@@ -272,3 +272,20 @@ def test_auto_picks_the_cpp_step_for_bf16_on_cpu():
     opt.step()
     assert opt._path(p, opt.state[p]["exp_avg"]) == "cpp"
     assert opt._path(q, opt.state[q]["exp_avg"]) == "torch"
+
+
+def test_state_dict_round_trip_keeps_moments_and_step():
+    p = torch.nn.Parameter(torch.ones(16, dtype=torch.bfloat16))
+    opt = StochasticRoundingAdamW([p], lr=1e-2)
+    p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = StochasticRoundingAdamW([q], lr=1e-2)
+    fresh.load_state_dict(opt.state_dict())
+    a, b = opt.state[p], fresh.state[q]
+    assert b["step"] == a["step"] == 1
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert b[key].dtype == torch.bfloat16 and torch.equal(b[key], a[key])
+    q.grad = torch.full_like(q, 0.5)
+    fresh.step()
+    assert fresh.state[q]["step"] == 2
