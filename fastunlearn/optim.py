@@ -3,8 +3,8 @@
 Why: fp32 master weights cost 16 bytes per trainable parameter (weight, gradient, two AdamW
 moments). Holding all four in bf16 halves that (Llama-3.2-1B: 18.4 -> 9.2 GiB), but plain
 AdamW on bf16 tensors rounds to nearest and loses every update below half a bf16 spacing
-(2^-9 of the weight): at the paper's lr 2e-6 the weights barely move, and the second moment,
-which beta2 = 0.999 moves by 0.1 % a step, freezes. Stochastic rounding keeps each store
+(2^-9 to 2^-8 of the weight): at the paper's lr 2e-6 the weights barely move, and the second
+moment, which beta2 = 0.999 moves by 0.1 % a step, freezes. Stochastic rounding keeps each store
 unbiased (E[round(x)] = x), so small updates accumulate in expectation instead of vanishing.
 
 ``StochasticRoundingAdamW`` computes torch.optim.AdamW's update in fp32 and stores the weight

@@ -10,9 +10,9 @@ Math (per element, everything in fp32 registers, torch.optim.AdamW's order and f
 then p, m and v are stored in their own dtypes. A bf16 destination is rounded stochastically:
 add 16 random bits to the low half of the fp32 bit pattern and truncate. The result is one of
 the two bf16 neighbours of x, the upper one with probability (x - lower) / (upper - lower), so
-E[round(x)] = x. Rounding to nearest would drop every update smaller than half a bf16 spacing
-(2^-9 relative): at lr 2e-6 that is nearly all of them, and v (beta2 = 0.999 moves it by 0.1 %
-a step) would freeze. Random bits come from a counter-based hash of the element index keyed by
+E[round(x)] = x. Rounding to nearest would drop every update smaller than half a bf16
+spacing (2^-9 to 2^-8 relative): at lr 2e-6 that is nearly all of them, and v (beta2 = 0.999
+moves it by 0.1 % a step) would freeze. Random bits come from a counter-based hash of the element index keyed by
 a per-call seed (murmur3's finaliser; Triton's own Philox is not callable from the interpreted
 copy of this kernel that CI runs): 16 bits each for p, m and v.
 
@@ -43,6 +43,14 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
+@triton.jit
+def _stochastic_round(x, r):
+    """fp32 -> fp32 with the low 16 bits cleared (exactly a bf16 value): adding 16 random bits
+    below the kept half carries into it with probability = the discarded fraction."""
+    bits = (x.to(tl.int32, bitcast=True) + (r & 0xFFFF).to(tl.int32)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["seed"])  # seed == 1 would become a constexpr
 def _adamw_sr_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, beta1, beta2, eps, decay, step_size,
                          inv_bc2_sqrt, seed, SR_P: tl.constexpr, SR_M: tl.constexpr,
@@ -59,27 +67,20 @@ def _adamw_sr_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, beta1, beta2, eps, decay
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     p = p - step_size * m / (tl.sqrt(v) * inv_bc2_sqrt + eps)
-    # 3. bf16 destinations: stochastic rounding, each with its own random stream. Adding 16
-    #    random bits below the kept half carries into it with probability = discarded fraction.
-    #    (Written out three times: the interpreter variant cannot call a nested jit function.)
-    # Keyed twice through the mixer, so two seeds give unrelated streams (a seed added to the
-    # counter would give the same stream shifted, shared between calls).
+    # 3. bf16 destinations are rounded stochastically, each with its own 16 random bits.
+    #    Keyed twice through the mixer, so two seeds give unrelated streams (a seed added to the
+    #    counter would give the same stream shifted, shared between calls).
     r = _mix32(_mix32(offs.to(tl.uint32)) ^ seed.to(tl.uint32))
-    r_p = r
-    r_m = r >> 16
-    r_v = _mix32(r)
     if SR_P:
-        p = ((p.to(tl.int32, bitcast=True) + (r_p & 0xFFFF).to(tl.int32)) & -65536).to(
-            tl.float32, bitcast=True)
+        p = _stochastic_round(p, r)
     if SR_M:
-        m = ((m.to(tl.int32, bitcast=True) + (r_m & 0xFFFF).to(tl.int32)) & -65536).to(
-            tl.float32, bitcast=True)
+        m = _stochastic_round(m, r >> 16)
     if SR_V:
-        v = ((v.to(tl.int32, bitcast=True) + (r_v & 0xFFFF).to(tl.int32)) & -65536).to(
-            tl.float32, bitcast=True)
+        v = _stochastic_round(v, _mix32(r))
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+
 
 def adamw_sr_fwd(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                  exp_avg_sq: torch.Tensor, *, beta1: float, beta2: float, eps: float,
