@@ -12,9 +12,9 @@ add 16 random bits to the low half of the fp32 bit pattern and truncate. The res
 the two bf16 neighbours of x, the upper one with probability (x - lower) / (upper - lower), so
 E[round(x)] = x. Rounding to nearest would drop every update smaller than half a bf16
 spacing (2^-9 to 2^-8 relative): at lr 2e-6 that is nearly all of them, and v (beta2 = 0.999
-moves it by 0.1 % a step) would freeze. Random bits come from a counter-based hash of the element index keyed by
-a per-call seed (murmur3's finaliser; Triton's own Philox is not callable from the interpreted
-copy of this kernel that CI runs): 16 bits each for p, m and v.
+moves it by 0.1 % a step) would freeze. Random bits come from a counter-based hash of the
+element index keyed by a per-call seed (murmur3's finaliser; Triton's own Philox functions are
+not callable from the interpreted copy of this kernel that CI runs): 16 bits each for p, m, v.
 
 Bytes moved per element: read p, g, m, v, write p, m, v; bf16 throughout that is 14 bytes,
 against 28 for fused AdamW on fp32 weights. Memory per parameter: 8 bytes (bf16 weight,
