@@ -187,7 +187,7 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         return loss
 
     def _update(self, p, grad, exp_avg, exp_avg_sq, hyper) -> None:
-        # Both paths work on contiguous tensors; a strided parameter is updated via a copy.
+        # Every path works on contiguous tensors; a strided parameter is updated via a copy.
         target = p if p.is_contiguous() else p.contiguous()
         grad = grad.contiguous()
         path = self._path(p, exp_avg)
