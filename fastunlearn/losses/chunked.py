@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .types import IGNORE_INDEX, KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, LossOutput
+from .types import IGNORE_INDEX, KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, LossOutput, scaled_as
 
 DEFAULT_WORKSPACE_MB = 256
 
@@ -149,8 +149,9 @@ class ChunkedUnlearnLossFunction(torch.autograd.Function):
         dx, dw, db = ctx.saved_tensors
         g = grad_loss.float()
         d_hidden = dx * g.to(dx.dtype) if ctx.needs_input_grad[0] else None
-        d_weight = (dw * g).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        d_bias = (db * g).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        d_weight = scaled_as(dw, g, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        d_bias = scaled_as(db, g, ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] \
+            else None
         return (d_hidden, d_weight, d_bias) + (None,) * 12
 
 

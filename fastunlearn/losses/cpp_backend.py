@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._build import cpu_arch_flags, extension_status, load_extension
 from .registry import Backend, register_backend
-from .types import IGNORE_INDEX, LossOutput, check_options
+from .types import IGNORE_INDEX, LossOutput, check_options, scaled_as
 
 EXT_NAME = "fastunlearn_cpp_loss"
 SOURCES = ["unlearn_loss_cpu.cpp", "adamw_sr_cpu.cpp"]
@@ -118,8 +118,8 @@ def _backward(ctx, grad_loss, *_unused):
     g = grad_loss.float()
     # an empty dx / dw means the forward skipped it (input did not require grad)
     d_hidden = dx * g.to(dx.dtype) if dx.numel() else None
-    d_weight = (dw * g).to(ctx.weight_dtype) if dw.numel() else None
-    d_bias = (db * g).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    d_weight = scaled_as(dw, g, ctx.weight_dtype) if dw.numel() else None
+    d_bias = scaled_as(db, g, ctx.bias_dtype) if ctx.bias_dtype is not None else None
     return (d_hidden, d_weight, None, None, None, None, d_bias) + (None,) * 10
 
 

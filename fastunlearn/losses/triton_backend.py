@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .registry import Backend, register_backend
-from .types import IGNORE_INDEX, LossOutput, check_options
+from .types import IGNORE_INDEX, LossOutput, check_options, scaled_as
 
 _OP_NS = "fastunlearn"
 
@@ -66,11 +66,9 @@ def _scale_grads(g, dx, dw, db, hidden_dtype, weight_dtype, bias_dtype, needs):
         d_hidden = torch.mul(dx, g.to(dx.dtype) if dx.dtype != torch.float32 else g)
         d_hidden = d_hidden.to(hidden_dtype)
     if needs[1]:
-        d_weight = torch.empty(dw.shape, device=dw.device, dtype=weight_dtype)
-        torch.mul(dw, g, out=d_weight)  # fp32 math, cast on store: no fp32 temporary
+        d_weight = scaled_as(dw, g, weight_dtype)
     if needs[2] and db is not None and db.numel():
-        d_bias = torch.empty(db.shape, device=db.device, dtype=bias_dtype)
-        torch.mul(db, g, out=d_bias)
+        d_bias = scaled_as(db, g, bias_dtype)
     return d_hidden, d_weight, d_bias
 
 

@@ -96,3 +96,11 @@ def check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, reduction
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if ref_bias is not None and ref_bias.shape != (weight.shape[0],):
         raise ValueError(f"ref_bias must be ({weight.shape[0]},), got {tuple(ref_bias.shape)}")
+
+
+def scaled_as(grad: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * g`` (g: fp32 0-dim grad_output) stored straight into ``dtype``: fp32 math, cast
+    on store, so no second fp32 (V, H) buffer next to the saved one (1 GiB at a 128k x 2048
+    head)."""
+    out = torch.empty(grad.shape, device=grad.device, dtype=dtype)
+    return torch.mul(grad, g, out=out)
