@@ -3,7 +3,9 @@ from ._source_tree import map_triton_kernels
 
 map_triton_kernels()
 
-from .losses import LossOutput  # noqa: E402, UnlearnLoss, unlearn_loss
+# After the mapping above: the losses import fastunlearn.triton_kernels lazily.
+from .losses import LossOutput, UnlearnLoss, unlearn_loss  # noqa: E402
+from .optim import StochasticRoundingAdamW  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LossOutput", "UnlearnLoss", "unlearn_loss", "__version__"]
+__all__ = ["LossOutput", "StochasticRoundingAdamW", "UnlearnLoss", "unlearn_loss", "__version__"]
