@@ -48,9 +48,11 @@ std::string tensor_error(const at::Tensor& t, const at::Tensor& like, const char
     if (!e_.empty()) return e_;                                    \
   } while (0)
 
+}  // namespace
+
 // Empty when row_pass may run on these inputs, else a one-line message. ``require_cuda=false``
 // lets the CPU tests reach the checks after the device one.
-std::string row_pass_error(const at::Tensor& z, const c10::optional<at::Tensor>& zr,
+std::string check_row_pass(const at::Tensor& z, const c10::optional<at::Tensor>& zr,
                            const at::Tensor& labels, const at::Tensor& scale, const at::Tensor& hc,
                            const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& ref_bias, int64_t ref_start,
@@ -100,16 +102,6 @@ std::string row_pass_error(const at::Tensor& z, const c10::optional<at::Tensor>&
   return "";
 }
 
-}  // namespace
-
-std::string check_row_pass(const at::Tensor& z, const c10::optional<at::Tensor>& zr,
-                           const at::Tensor& labels, const at::Tensor& scale, const at::Tensor& hc,
-                           const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                           const c10::optional<at::Tensor>& ref_bias, int64_t ref_start,
-                           bool require_cuda) {
-  return row_pass_error(z, zr, labels, scale, hc, w, bias, ref_bias, ref_start, require_cuda);
-}
-
 // z: (R, V) policy logits, overwritten with dz. zr: (R - ref_start, V) reference logits of the
 // normal rows (the chunk's suffix) or None. labels (R) int64, scale (R) fp32, hc (R, H) hidden
 // rows of the chunk and w (V, H) head, both in z's dtype (for the fp32 target logit).
@@ -121,7 +113,7 @@ at::Tensor row_pass(at::Tensor z, const c10::optional<at::Tensor>& zr, const at:
                     const c10::optional<at::Tensor>& ref_bias, double softcap, int64_t ref_start,
                     int64_t stream) {
   const std::string error =
-      row_pass_error(z, zr, labels, scale, hc, w, bias, ref_bias, ref_start, true);
+      check_row_pass(z, zr, labels, scale, hc, w, bias, ref_bias, ref_start, true);
   TORCH_CHECK(error.empty(), error);
   const int64_t R = z.size(0), V = z.size(1), H = hc.size(1);
   const bool has_zr = zr.has_value() && zr->defined();

@@ -84,6 +84,20 @@ __device__ __forceinline__ float merge_scale(float& m, float m2, float& f2) {
   return f1;
 }
 
+// Loads VEC logits at base, applies bias / soft-cap in place and returns their maximum.
+template <typename T, int VEC>
+__device__ __forceinline__ float load_xform_max(const T* row, int64_t base, const float* bias,
+                                                float cap, float (&x)[VEC]) {
+  load_vec<T, VEC>(row + base, x);
+  float vmax = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    x[i] = xform(x[i], bias, base + i, cap);
+    vmax = fmaxf(vmax, x[i]);
+  }
+  return vmax;
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -131,13 +145,7 @@ __global__ void __launch_bounds__(kThreads)
   float m = -INFINITY, s = 0.f, mr = -INFINITY, sr = 0.f, cross = 0.f;
   for (int64_t base = (int64_t)tid * VEC; base < V; base += (int64_t)kThreads * VEC) {
     float x[VEC];
-    load_vec<T, VEC>(zrow + base, x);
-    float vmax = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      x[i] = xform(x[i], bias, base + i, cap);
-      vmax = fmaxf(vmax, x[i]);
-    }
+    const float vmax = load_xform_max<T, VEC>(zrow, base, bias, cap, x);
     if (vmax > m) {
       s *= __expf(m - vmax);
       m = vmax;
@@ -146,13 +154,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < VEC; ++i) s += __expf(x[i] - m);
     if (normal) {
       float xr[VEC];
-      load_vec<T, VEC>(rrow + base, xr);
-      float rmax = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        xr[i] = xform(xr[i], ref_bias, base + i, cap);
-        rmax = fmaxf(rmax, xr[i]);
-      }
+      const float rmax = load_xform_max<T, VEC>(rrow, base, ref_bias, cap, xr);
       if (rmax > mr) {
         const float f = __expf(mr - rmax);
         sr *= f;

@@ -50,6 +50,11 @@ def trunk_inputs(batch: Batch, device: torch.device, rows: slice = slice(None)) 
 
 def kind_counts(batch: Batch) -> list[int]:
     _, _, kinds = valid_positions(batch)
+    return _per_kind(kinds)
+
+
+def _per_kind(kinds: torch.Tensor) -> list[int]:
+    """Valid positions per kind (forget, mismatch, normal) of a host tensor of kinds."""
     return [int((kinds == k).sum()) for k in range(3)]
 
 
@@ -157,5 +162,5 @@ def _normal_row_indices(batch: Batch, normal_rows: torch.Tensor) -> torch.Tensor
 
 def _counts(kinds: torch.Tensor, ref_hidden) -> tuple[int, int, int]:
     """Valid rows per kind, known on the host: kernel backends then skip a device sync."""
-    n_normal = int((kinds == KIND_NORMAL).sum()) if ref_hidden is not None else 0
-    return int((kinds == 0).sum()), int((kinds == 1).sum()), n_normal
+    n_forget, n_mismatch, n_normal = _per_kind(kinds)
+    return n_forget, n_mismatch, n_normal if ref_hidden is not None else 0

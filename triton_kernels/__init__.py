@@ -8,5 +8,7 @@ Modules:
                   d loss / d logits in place) and its launcher ``unlearn_rows_fwd``
     fused_loss    the chunk loop around cuBLAS: ``unlearn_loss_fwd`` (loss + gradients) and
                   ``token_stats_fwd`` / ``token_stats_bwd`` (per-token logp, logp_ref, KL)
+    dw_accumulate fp32 dW += dz^T h for the triton and cuda backends (plain torch, no Triton)
+    adamw_sr      the AdamW step with stochastic rounding for bf16 weights (``adamw_sr_fwd``)
     _variants     loads each kernel module in compiled and in interpreted form (CPU tensors)
 """

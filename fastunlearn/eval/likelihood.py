@@ -124,12 +124,16 @@ def answer_kl(model, ref_model, tokenizer, pairs, *, max_length: int = 256,
         cur = _logits(model, ids, mask)[:, :-1].float()
         ref = _logits(ref_model, ids, mask)[:, :-1].to(cur.device).float()
         valid = (labels[:, 1:] != IGNORE_INDEX).to(cur.device)
-        lp_cur = cur[valid].log_softmax(-1)   # (N, V): answer positions only
-        lp_ref = ref[valid].log_softmax(-1)
-        kl = (lp_ref.exp() * (lp_ref - lp_cur)).sum(-1)
-        total += float(kl.double().sum())
+        total += _kl_sum(ref[valid], cur[valid])
         count += int(valid.sum())
     return total, count
+
+
+def _kl_sum(ref_logits: torch.Tensor, cur_logits: torch.Tensor) -> float:
+    """Sum over rows of KL(softmax(ref) || softmax(cur)), from fp32 (N, V) logits."""
+    lp_cur = cur_logits.log_softmax(-1)
+    lp_ref = ref_logits.log_softmax(-1)
+    return float((lp_ref.exp() * (lp_ref - lp_cur)).sum(-1).double().sum())
 
 
 @torch.no_grad()
@@ -157,20 +161,18 @@ def reference_snapshot(model, tokenizer, pairs, *, max_length: int = 256,
 def answer_kl_to_snapshot(model, tokenizer, pairs, snapshot: dict, *, max_length: int = 256,
                           batch_size: int = 8) -> tuple[float, int]:
     """``answer_kl`` against a ``reference_snapshot`` of the same pairs and settings."""
+    from fastunlearn.losses.reference import logits_ref
+
     rows = encode_pairs(tokenizer, pairs, max_length=max_length)
     total, count = 0.0, 0
     batches = _batches(rows, batch_size, _pad_id(tokenizer))
     for (ids, mask, labels), ref_h in zip(batches, snapshot["hidden"], strict=True):
         cur = _logits(model, ids, mask)[:, :-1].float()
         valid = (labels[:, 1:] != IGNORE_INDEX).to(cur.device)
-        ref = ref_h.to(cur.device) @ snapshot["weight"].to(cur.device).T
-        if snapshot["bias"] is not None:
-            ref = ref + snapshot["bias"].to(cur.device)
-        if snapshot["softcap"]:
-            ref = snapshot["softcap"] * torch.tanh(ref / snapshot["softcap"])
-        lp_cur = cur[valid].log_softmax(-1)
-        lp_ref = ref.log_softmax(-1)
-        kl = (lp_ref.exp() * (lp_ref - lp_cur)).sum(-1)
-        total += float(kl.double().sum())
+        bias = snapshot["bias"]
+        ref = logits_ref(ref_h.to(cur.device), snapshot["weight"].to(cur.device),
+                         None if bias is None else bias.to(cur.device),
+                         snapshot["softcap"] or None)
+        total += _kl_sum(ref, cur[valid])
         count += int(valid.sum())
     return total, count
