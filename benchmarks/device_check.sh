@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command GPU check: build the extensions, the GPU tests of every backend, the loss
-# benchmark on the issue's four head shapes, the torch.compile baseline, the train-step
+# benchmark on its four default head shapes, the torch.compile baseline, the train-step
 # benchmark, the 8B LoRA memory check and the activation bytes per token (stock vs lean
 # layers). Copies logs and JSON into $OUT (default ./device_out).
 # Every step has its own timeout (T_* variables) and a failing step never stops the next one.
@@ -67,7 +67,7 @@ step input_errors "${T_ERRORS:-40}" "$PY" -m pytest -m gpu -q -p no:cacheprovide
 
 HAS_CUDA=$(timeout 20 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 if [ "$HAS_CUDA" = "1" ]; then
-    SHAPES=()  # the bench's defaults: the four shapes of issue 3
+    SHAPES=()  # the bench's four default head shapes
     COMPILE_SHAPES=(--shapes 8192x576x49152,8192x2048x128256)
 else
     echo "no CUDA here: benchmark smoke test on tiny CPU shapes" | tee -a "$LOG"
