@@ -44,6 +44,7 @@ def unlearn_loss(
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     reduction: str = "mean",
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
@@ -83,7 +84,19 @@ def unlearn_loss(
     labels = labels.reshape(-1)
     kind = kind.reshape(-1)
     check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, reduction, bias, ref_bias)
+    if ref_weight is None and ref_bias is None:
+        ref_bias = bias  # the reference head is the policy head, bias included
     chosen = resolve_backend(backend, hidden.device.type)
+    if chosen.name == "reference":
+        return chosen.fn(hidden, weight, labels, kind, ref_hidden, ref_weight,
+                         eps_forget=eps_forget, eps_mismatch=eps_mismatch, eps_normal=eps_normal,
+                         bias=bias, ref_bias=ref_bias, softcap=softcap, logit_scale=logit_scale,
+                         reduction=reduction, ignore_index=ignore_index)
+    if logit_scale != 1.0:  # s (h W^T + b) = (s h) W^T + s b: exact, autograd carries s back
+        hidden = hidden * logit_scale
+        bias = None if bias is None else bias * logit_scale
+        ref_hidden = None if ref_hidden is None else ref_hidden * logit_scale
+        ref_bias = None if ref_bias is None else ref_bias * logit_scale
     extra = {}
     if num_rows is not None and _accepts(chosen.fn, "num_rows"):
         extra["num_rows"] = tuple(int(n) for n in num_rows)
@@ -109,11 +122,13 @@ class UnlearnLoss(nn.Module):
     def __init__(self, eps_forget: float = DEFAULT_EPS_FORGET,
                  eps_mismatch: float = DEFAULT_EPS_MISMATCH,
                  eps_normal: float = DEFAULT_EPS_NORMAL, *, softcap: float | None = None,
-                 reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
+                 logit_scale: float = 1.0, reduction: str = "mean",
+                 ignore_index: int = IGNORE_INDEX,
                  backend: str = "auto", chunk_rows: int | None = None):
         super().__init__()
         self.eps_forget, self.eps_mismatch, self.eps_normal = eps_forget, eps_mismatch, eps_normal
         self.softcap, self.reduction, self.ignore_index = softcap, reduction, ignore_index
+        self.logit_scale = logit_scale
         self.backend, self.chunk_rows = backend, chunk_rows
 
     def forward(self, hidden, weight, labels, kind, ref_hidden=None, ref_weight=None, bias=None,
@@ -121,6 +136,7 @@ class UnlearnLoss(nn.Module):
         return unlearn_loss(hidden, weight, labels, kind, ref_hidden, ref_weight,
                             eps_forget=self.eps_forget, eps_mismatch=self.eps_mismatch,
                             eps_normal=self.eps_normal, bias=bias, ref_bias=ref_bias,
-                            softcap=self.softcap, reduction=self.reduction,
+                            softcap=self.softcap, logit_scale=self.logit_scale,
+                            reduction=self.reduction,
                             ignore_index=self.ignore_index, backend=self.backend,
                             chunk_rows=self.chunk_rows)

@@ -33,12 +33,15 @@ from .types import (
 )
 
 
-def logits_ref(hidden, weight, bias=None, softcap=None, compute_dtype=None):
-    """(BT, H) x (V, H) -> (BT, V) logits in ``compute_dtype`` (default: hidden's dtype)."""
+def logits_ref(hidden, weight, bias=None, softcap=None, compute_dtype=None, logit_scale=1.0):
+    """(BT, H) x (V, H) -> (BT, V) logits ``softcap(logit_scale * (h W^T + b))`` in
+    ``compute_dtype`` (default: hidden's dtype). The cap comes last, as in Gemma."""
     dt = compute_dtype or hidden.dtype
     z = hidden.to(dt) @ weight.to(dt).T
     if bias is not None:
         z = z + bias.to(dt)
+    if logit_scale != 1.0:
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z
@@ -58,6 +61,7 @@ def unlearn_loss_ref(
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     reduction: str = "mean",
     ignore_index: int = IGNORE_INDEX,
     compute_dtype: torch.dtype | None = None,
@@ -91,7 +95,9 @@ def unlearn_loss_ref(
     valid = labels != ignore_index
     safe_labels = labels.masked_fill(~valid, 0)
 
-    z = logits_ref(hidden, weight, bias, softcap, dt)
+    if ref_weight is None and ref_bias is None:
+        ref_bias = bias  # the reference head is the policy head, bias included
+    z = logits_ref(hidden, weight, bias, softcap, dt, logit_scale)
     logp = F.log_softmax(z, dim=-1)
     nll = -logp.gather(1, safe_labels[:, None]).squeeze(1)
 
@@ -107,7 +113,8 @@ def unlearn_loss_ref(
         rw = weight.detach() if ref_weight is None else ref_weight
         with torch.no_grad():
             zr = logits_ref(ref_hidden.detach(), rw.detach(),
-                            None if ref_bias is None else ref_bias.detach(), softcap, dt)
+                            None if ref_bias is None else ref_bias.detach(), softcap, dt,
+                            logit_scale)
             logp_ref = F.log_softmax(zr, dim=-1)
         kl_row = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
         normal_sum = torch.where(m_normal, kl_row, zero).sum()
