@@ -55,6 +55,7 @@ class DataSection:
     max_length: int = 160  # tokens per row (prompt + answer)
     max_prompt_length: int | None = 96
     kl_tokens: str = "answer"  # answer | all (KL on every non-pad token of normal rows)
+    mismatch_answers: int = 1  # normal answers drawn afresh per forget prompt per batch (K)
     seed: int = 0
 
 
