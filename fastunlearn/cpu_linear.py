@@ -16,14 +16,13 @@ from __future__ import annotations
 import functools
 import time
 import types
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MODES = ("auto", "onednn", "torch")
-_FASTER: dict[tuple[int, int], bool] = {}
+_FASTER: dict[tuple[int, int, int], bool] = {}  # (in, out, rows) -> oneDNN wins
 
 
 @functools.cache  # called on every linear forward / backward; a failed build is not cached
@@ -73,9 +72,21 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
+# Work per timing call is capped so that vocabulary-sized heads do not make ``auto`` slow.
+_TIMING_FLOP_BUDGET = 2e9
+
+
 def onednn_is_faster(in_features: int, out_features: int, rows: int = 256) -> bool:
-    """Times one (rows, in) x (in, out) fp32 GEMM both ways (once per shape)."""
-    key = (in_features, out_features)
+    """Whether oneDNN runs this layer's step faster than torch's GEMMs (once per shape).
+
+    Times what training runs for a (rows, in) input: the forward ``x W^T`` and both backward
+    GEMMs, ``dX = dY W`` and ``dW = dY^T X``, in each library; their sum decides. A single
+    forward shape is not enough: the backward GEMMs have other layouts, and on some CPUs the
+    libraries rank differently on them.
+    """
+    flop_rows = int(_TIMING_FLOP_BUDGET / (2 * in_features * out_features))
+    rows = max(16, min(rows, flop_rows))
+    key = (in_features, out_features, rows)
     if key not in _FASTER:
         ext = _ext()
         if ext.gemm_engine() != "onednn":
@@ -84,7 +95,20 @@ def onednn_is_faster(in_features: int, out_features: int, rows: int = 256) -> bo
         g = torch.Generator().manual_seed(0)
         x = torch.randn(rows, in_features, generator=g)
         w = torch.randn(out_features, in_features, generator=g)
-        out = torch.empty(rows, out_features)
+        dy = torch.randn(rows, out_features, generator=g)
+        y = torch.empty(rows, out_features)
+        dx = torch.empty(rows, in_features)
+        dw = torch.empty(out_features, in_features)
+
+        def onednn():
+            ext.gemm(x, w.t(), y, 0.0)
+            ext.gemm(dy, w, dx, 0.0)
+            ext.gemm(dy.t(), x, dw, 0.0)
+
+        def torch_blas():
+            torch.mm(x, w.t(), out=y)
+            torch.mm(dy, w, out=dx)
+            torch.mm(dy.t(), x, out=dw)
 
         def best(fn) -> float:
             fn()
@@ -95,15 +119,17 @@ def onednn_is_faster(in_features: int, out_features: int, rows: int = 256) -> bo
                 times.append(time.perf_counter() - start)
             return min(times)
 
-        _FASTER[key] = best(lambda: ext.gemm(x, w.t(), out, 0.0)) < best(lambda: x @ w.t())
+        _FASTER[key] = best(onednn) < best(torch_blas)
     return _FASTER[key]
 
 
-def use_onednn_linears(model: nn.Module, mode: str = "auto") -> int:
+def use_onednn_linears(model: nn.Module, mode: str = "auto", rows: int = 256) -> int:
     """Route the model's ``nn.Linear`` layers through oneDNN; returns how many were swapped.
 
-    ``auto`` swaps them when the extension uses oneDNN and it beats torch's own GEMM on the
-    model's most common linear shape; ``onednn`` always (if the extension builds); ``torch`` never.
+    ``auto`` decides per weight shape, from the forward and backward GEMMs of ``rows`` input
+    rows (the tokens of a micro-batch): a layer is swapped when oneDNN runs its step faster
+    (and the extension uses oneDNN at all); ``onednn`` swaps every layer (if the extension
+    builds); ``torch`` none.
     """
     if mode not in MODES:
         raise ValueError(f"cpu_linear must be one of {', '.join(MODES)}, got {mode!r}")
@@ -111,12 +137,9 @@ def use_onednn_linears(model: nn.Module, mode: str = "auto") -> int:
     if mode == "torch" or not linears:
         return 0
     if mode == "auto":
-        # the most common shape (a trunk projection; the vocabulary-sized head is rarer and
-        # would make the timing seconds long)
-        shapes = Counter(tuple(m.weight.shape) for m in linears)
-        out_f, in_f = max(shapes, key=lambda s: (shapes[s], s[0] * s[1]))
-        if not onednn_is_faster(in_f, out_f):
-            return 0
+        faster = {shape: onednn_is_faster(shape[1], shape[0], rows)
+                  for shape in {tuple(m.weight.shape) for m in linears}}
+        linears = [m for m in linears if faster[tuple(m.weight.shape)]]
     else:
         _ext()  # build errors surface here, not inside the first forward
     for m in linears:
@@ -124,12 +147,12 @@ def use_onednn_linears(model: nn.Module, mode: str = "auto") -> int:
     return len(linears)
 
 
-def try_onednn_linears(model: nn.Module) -> int:
+def try_onednn_linears(model: nn.Module, rows: int = 256) -> int:
     """``auto`` that never fails: nothing is swapped when the C++ extension cannot be built."""
     from .losses._build import ExtensionBuildError
 
     try:
-        return use_onednn_linears(model, "auto")
+        return use_onednn_linears(model, "auto", rows)
     except ExtensionBuildError:
         return 0
 

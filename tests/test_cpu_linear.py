@@ -102,12 +102,44 @@ def test_restore_and_modes():
         cpu_linear.use_onednn_linears(layer, "mkl")
 
 
-def test_auto_decides_by_timing(monkeypatch):
-    layer = nn.Linear(16, 32)
-    monkeypatch.setattr(cpu_linear, "onednn_is_faster", lambda i, o: (i, o) == (16, 32))
-    assert cpu_linear.use_onednn_linears(layer, "auto") == 1
-    other = nn.Linear(16, 8)
-    assert cpu_linear.use_onednn_linears(other, "auto") == 0
+def test_auto_decides_per_shape(monkeypatch):
+    """Each weight shape gets its own decision: a model whose shapes rank differently keeps
+    torch's GEMMs where they win, instead of following the most common shape."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 32))
+    asked = []
+
+    def faster(i, o, rows):
+        asked.append((i, o, rows))
+        return (i, o) == (16, 32)
+
+    monkeypatch.setattr(cpu_linear, "onednn_is_faster", faster)
+    assert cpu_linear.use_onednn_linears(model, "auto", rows=96) == 2
+    assert sorted(asked) == [(16, 32, 96), (32, 16, 96)]
+    assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+
+
+def test_timing_covers_forward_and_backward_gemms(monkeypatch):
+    """The decision times three GEMMs per library (y = x W^T, dX = dY W, dW = dY^T X) at the
+    requested rows, capped for vocabulary-sized heads."""
+    monkeypatch.setattr(cpu_linear, "_FASTER", {})
+    shapes = []
+    ext = cpu_linear._ext()
+
+    class Recording:
+        def gemm_engine(self):
+            return "onednn"
+
+        def gemm(self, a, b, out, beta):
+            shapes.append((tuple(a.shape), tuple(b.shape)))
+            return ext.gemm(a, b, out, beta)
+
+    monkeypatch.setattr(cpu_linear, "_ext", lambda: Recording())
+    cpu_linear.onednn_is_faster(12, 20, rows=40)
+    assert set(shapes) == {((40, 12), (12, 20)), ((40, 20), (20, 12)), ((20, 40), (40, 12))}
+    shapes.clear()
+    monkeypatch.setattr(cpu_linear, "_TIMING_FLOP_BUDGET", 2 * 12 * 20 * 24)
+    cpu_linear.onednn_is_faster(12, 20, rows=4096)
+    assert shapes[0][0] == (24, 12)
 
 
 def test_build_failure_auto_swaps_nothing_onednn_raises(monkeypatch):
