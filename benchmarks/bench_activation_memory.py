@@ -9,8 +9,9 @@ stock transformers modules and for ``model.lean_layers`` (fastunlearn/lean_layer
 weights (bf16 autocast or fp32) and with bf16 weights (``model.dtype=bfloat16``), on
 2-layer versions of the SmolLM2-135M and Llama-3.2-1B architectures (per-layer figures do not
 depend on the depth). ``projected_gib`` multiplies by the full depth and the 3 x 8 x 1024 tokens
-of the GPU step that bench_train_step.py measures: an estimate of the activation part of that step's peak memory, not a
-measurement of it. On CPU, SDPA's saved tensors may differ slightly from a GPU kernel's.
+of the GPU step that bench_train_step.py measures: an estimate of the activation part of that
+step's peak memory, not a measurement of it. On CPU, SDPA's saved tensors may differ slightly
+from a GPU kernel's.
 """
 from __future__ import annotations
 

@@ -50,6 +50,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
+
 # The repository (for the commit id); overridable when running a snapshot copy of this file.
 ROOT = Path(os.environ.get("FASTUNLEARN_BENCH_ROOT") or Path(__file__).resolve().parents[1])
 IGNORE = -100
@@ -384,7 +387,8 @@ def run_isolated(spec: dict, timeout: float) -> dict:
 def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: str,
             timeout: float, attn: str = "auto") -> list[dict]:
     rows = []
-    meta = {"torch": torch.__version__, "commit": git_commit()}
+    meta = {"torch": torch.__version__, "commit": git_commit(), "cpu_model": cpu_model(),
+            "cpu_threads": torch.get_num_threads()}
     try:
         import transformers
         meta["transformers"] = transformers.__version__
