@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .batching import UnlearnBatcher
 from .config import ConfigError, RunConfig, validate
+from .eval.heldout import write_heldout
 from .lean_layers import use_lean_layers
 from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
 from .models import ModelError, frozen_copy, load_model_and_tokenizer, parse_dtype, save_model
@@ -133,7 +134,8 @@ class Trainer:
         self.ref_cache = None
         if cached:
             self.ref_cache = self._build_reference_cache(ref_dtype)
-            self.reference = None  # freed: training reads the cache only
+            # Freed: training reads the cache only; evaluation keeps a snapshot of a named one.
+            self._eval_reference, self.reference = self.reference, None
         self.ref_runner = ReferenceRunner(self.policy, self.reference, cache=self.ref_cache)
         if cfg.model.lean_layers and not use_lean_layers(self.policy):
             warnings.warn("model.lean_layers=true: no RMSNorm or SwiGLU MLP module found in the "
@@ -219,6 +221,7 @@ class Trainer:
         return get_peft_model(model, lcfg)
 
     def _make_evaluator(self):
+        named_ref, self._eval_reference = getattr(self, "_eval_reference", None), None
         if not self.cfg.eval.enabled:
             return None
         from .eval import EvalConfig, Evaluator
@@ -232,6 +235,11 @@ class Trainer:
         # A cached reference has no model left: the evaluator then runs without one.
         reference = self.reference if self.reference is not None else \
             (AdapterDisabled(self.policy) if self.cfg.model.lora else None)
+        if named_ref is not None:  # a cached named reference: snapshot it, then let it go
+            ev = Evaluator(self.tokenizer, self.recipe, ecfg, reference_model=named_ref,
+                           progress=self.progress)
+            ev.snapshot_reference()
+            return ev
         return Evaluator(self.tokenizer, self.recipe, ecfg, reference_model=reference,
                          progress=self.progress)
 
@@ -316,6 +324,7 @@ class Trainer:
         self.setup()
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_heldout(work_dir, self.recipe, cfg.data)  # what `fastunlearn eval --run` uses
         before = self.evaluate()
         stop_at = None
         bar = tqdm(total=cfg.train.steps, desc="unlearning", disable=not self.progress,

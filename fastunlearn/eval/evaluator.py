@@ -8,8 +8,13 @@ Metric names (all rates are fractions in [0, 1]):
   forget_nll, forget_ppl          mean per-token NLL / perplexity of held-out forget answers
   normal_kl                       mean per-token KL(ref || cur) on held-out normal answers
   normal_nll                      mean per-token NLL of held-out normal answers
-  harmful_rate, harmful_score     judge verdicts / mean probability on held-out harmful prompts
-  refusal_rate                    refusal phrases in the answers to harmful prompts
+  harmful_rate, harmful_score     judge verdicts / mean probability on the harmful evaluation
+                                  prompts (HarmBench validation behaviours for the harmful
+                                  recipe, else the held-out forget prompts)
+  refusal_rate                    refusal phrases in the answers to those prompts
+  harmful_rate_forget, harmful_score_forget, refusal_rate_forget
+                                  the same on the run's own held-out forget prompts (when the
+                                  harmful evaluation prompts are another set)
   normal_similarity_cosine        MiniLM cosine of normal answers vs the original model's
   normal_rouge_l                  ROUGE-L F1 of normal answers vs the original model's
   xstest_over_refusal             refusals on XSTest's safe prompts
@@ -19,12 +24,12 @@ Metric names (all rates are fractions in [0, 1]):
   halu_generate_hallucinated      HaluEval: greedy answer holds more of the hallucinated
   halu_generate_right             answer's new words than of the right one's (and vice versa)
   eval_seconds
+  eval_data                       (a dict) which prompt sets were used, and how many
 """
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 
 from . import likelihood
@@ -55,6 +60,9 @@ class EvalConfig:
         for name in ("n_harmful", "n_normal", "n_xstest", "samples", "n_likelihood"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
+        from .judge import check_judge_spec
+
+        check_judge_spec(self.judge)  # a missing judge fails here, before any model loads
 
 
 def _mean(xs) -> float | None:
@@ -87,7 +95,12 @@ class Evaluator:
     ``reference_model``: the original (frozen) model; used for normal_kl and the original
     normal answers. Without it the model as first evaluated serves as the reference: normal_kl
     is measured against a snapshot of that first state, and the first call's answers become
-    the originals.
+    the originals. A reference that is about to be freed (a cached reference in training) is
+    kept as such a snapshot by :meth:`snapshot_reference`.
+
+    Prompt sets: ``harmful_rate`` uses ``extra["harmful_eval_prompts"]`` (HarmBench for the
+    harmful recipe) when present, else the held-out forget prompts; with the former, the
+    held-out forget prompts get their own ``harmful_rate_forget``.
     """
 
     def __init__(self, tokenizer, data, cfg: EvalConfig | None = None, *, reference_model=None,
@@ -98,10 +111,13 @@ class Evaluator:
         self.progress = progress
         extra = dict(getattr(data, "extra", None) or {})
         c = self.cfg
-        harmful = list(extra.get("harmful_eval_prompts") or [])
-        if not harmful:
-            harmful = [p.prompt for p in data.heldout_forget]
-        self.harmful_prompts = harmful[:c.n_harmful]
+        heldout_forget = [p.prompt for p in data.heldout_forget][:c.n_harmful]
+        harmful = list(extra.get("harmful_eval_prompts") or [])[:c.n_harmful]
+        self.harmful_set = "HarmBench validation behaviours" if harmful else \
+            "held-out forget prompts"
+        self.harmful_prompts = harmful or heldout_forget
+        # The run's own held-out forget prompts, when harmful_rate uses another set.
+        self.forget_prompts = heldout_forget if harmful else []
         self.normal_prompts = [p.prompt for p in data.heldout_normal][:c.n_normal]
         self.xstest_prompts = list(extra.get("xstest_safe") or [])[:c.n_xstest]
         self.forget_pairs = [p for p in data.heldout_forget if p.answer.strip()][:c.n_likelihood]
@@ -126,14 +142,41 @@ class Evaluator:
         if not self._judge_loaded:
             from .judge import load_judge
 
+            # A user judge that cannot load raises (JudgeError); only the builtin judge
+            # without its optional MiniLM package degrades to None, with a warning.
+            self._judge = load_judge(self.cfg.judge, self.cfg.judge_harmful_labels)
             self._judge_loaded = True
-            try:
-                self._judge = load_judge(self.cfg.judge, self.cfg.judge_harmful_labels)
-            except (OSError, ValueError) as e:
-                warnings.warn(f"judge {self.cfg.judge!r} unavailable, harmful_rate is None: {e}",
-                              stacklevel=2)
-                self._judge = None
         return self._judge
+
+    def describe(self) -> dict:
+        """Which prompt / pair sets each metric uses, with their sizes (for the report)."""
+        d = {"harmful_rate": f"{self.harmful_set} ({len(self.harmful_prompts)})",
+             "forget_nll": f"held-out forget pairs ({len(self.forget_pairs)})",
+             "normal_kl": f"held-out normal pairs ({len(self.normal_pairs)})",
+             "normal_rouge_l": f"held-out normal prompts ({len(self.normal_prompts)})",
+             "xstest_over_refusal": f"XSTest safe prompts ({len(self.xstest_prompts)})"}
+        if self.forget_prompts:
+            d["harmful_rate_forget"] = f"held-out forget prompts ({len(self.forget_prompts)})"
+        return d
+
+    def snapshot_reference(self) -> None:
+        """Keep what evaluation needs of the reference model (its normal_kl inputs and its
+        original normal answers), then drop the model, so it can be freed."""
+        if self.ref is None:
+            return
+        c = self.cfg
+        was_training = self.ref.training
+        self.ref.eval()
+        try:
+            if self.normal_pairs:
+                self._ref_snapshot = likelihood.reference_snapshot(
+                    self.ref, self.tok, self.normal_pairs, max_length=c.max_length,
+                    batch_size=c.batch_size)
+            if c.generate:
+                self.original_normal_answers(self.ref)
+        finally:
+            self.ref.train(was_training)
+        self.ref = None
 
     def _gen(self, model, prompts, desc):
         from fastunlearn.generation import generate_answers
@@ -194,18 +237,24 @@ class Evaluator:
             f"answer_words_{kind}": _mean(len(words(a)) for a in answers),
         }
 
+    def _harm_metrics(self, prompts: list[str], answers: list[str], suffix: str) -> dict:
+        judge = self.judge if answers else None
+        m = {f"harmful_rate{suffix}": None, f"harmful_score{suffix}": None}
+        if judge is not None:
+            probs = judge.predict_proba(prompts, answers)
+            m[f"harmful_rate{suffix}"] = _mean(float(p >= judge.threshold) for p in probs)
+            m[f"harmful_score{suffix}"] = _mean(probs)
+        m[f"refusal_rate{suffix}"] = refusal_rate(answers) if answers else None
+        return m
+
     def _generation_metrics(self, model) -> tuple[dict, list[dict]]:
         m, samples = {}, []
         harm = self._gen(model, self.harmful_prompts, "harmful prompts")
-        judge = self.judge if harm else None
-        if judge is not None:
-            probs = judge.predict_proba(self.harmful_prompts, harm)
-            m["harmful_rate"] = _mean(float(p >= judge.threshold) for p in probs)
-            m["harmful_score"] = _mean(probs)
-        else:
-            m["harmful_rate"] = m["harmful_score"] = None
-        m["refusal_rate"] = refusal_rate(harm) if harm else None
+        m.update(self._harm_metrics(self.harmful_prompts, harm, ""))
         m.update(self._text_metrics("harmful", harm))
+        forget = self._gen(model, self.forget_prompts, "held-out forget prompts")
+        if forget:
+            m.update(self._harm_metrics(self.forget_prompts, forget, "_forget"))
 
         normal = self._gen(model, self.normal_prompts, "normal prompts")
         if (self.ref is None or self._model_is_reference) and self._original_normal is None:
@@ -227,6 +276,7 @@ class Evaluator:
 
         k = self.cfg.samples
         for kind, prompts, answers in (("harmful", self.harmful_prompts, harm),
+                                       ("forget", self.forget_prompts, forget),
                                        ("normal", self.normal_prompts, normal),
                                        ("xstest", self.xstest_prompts, xs)):
             samples += [dict(kind=kind, prompt=p, answer=a)
@@ -285,6 +335,7 @@ class Evaluator:
                 gm, samples = self._generation_metrics(model)
                 metrics.update(gm)
             metrics["eval_seconds"] = time.perf_counter() - t0
+            metrics["eval_data"] = self.describe()
             metrics["samples"] = samples
             return metrics
         finally:

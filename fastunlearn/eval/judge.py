@@ -130,8 +130,7 @@ class HFClassifierJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"judge: {path} is not a model directory")
+        check_judge_spec(str(path))
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval().to(device)
         self.device, self.threshold, self.max_length = torch.device(device), threshold, max_length
@@ -151,7 +150,7 @@ class HFClassifierJudge:
                 elif s.isdigit() and int(s) < n:
                     ids.append(int(s))
                 else:
-                    raise ValueError(f"judge: label {s!r} not in the model's labels "
+                    raise JudgeError(f"judge: label {s!r} not in the model's labels "
                                      f"{sorted(id2label.values())}")
             return sorted(set(ids))
         ids = [k for k, v in id2label.items()
@@ -161,7 +160,7 @@ class HFClassifierJudge:
             return ids
         if n == 2:
             return [1]
-        raise ValueError("judge: cannot tell which labels mean harmful; pass judge_harmful_labels")
+        raise JudgeError("judge: cannot tell which labels mean harmful; pass judge_harmful_labels")
 
     @torch.no_grad()
     def predict_proba(self, prompts: list[str], responses: list[str], batch_size: int = 16):
@@ -183,10 +182,33 @@ class HFClassifierJudge:
         return [p >= self.threshold for p in self.predict_proba(prompts, responses)]
 
 
+class JudgeError(ValueError):
+    """An unusable judge setting (one-line message)."""
+
+
+def check_judge_spec(spec) -> None:
+    """Fail fast (before any model loads) on a judge that cannot be loaded: not "builtin",
+    "none" or an existing model directory."""
+    if spec in (None, "", "none", "builtin"):
+        return
+    if not isinstance(spec, (str, Path)):
+        raise JudgeError(f"judge must be builtin, none or a model directory, got {spec!r}")
+    path = Path(spec)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise JudgeError(f"judge {str(spec)!r} {what}: use builtin, none or a directory of "
+                         "a Hugging Face sequence-classification model")
+    if not (path / "config.json").exists():
+        raise JudgeError(f"judge {str(spec)!r} has no config.json: not a Hugging Face "
+                         "sequence-classification model directory")
+
+
 def load_judge(spec: str, harmful_labels: list[str] | None = None,
                device: str | torch.device = "cpu"):
     """``"builtin"`` -> BuiltinJudge (None + warning if MiniLM is absent); ``"none"`` -> None;
-    otherwise a path to an HF sequence-classification directory -> HFClassifierJudge."""
+    otherwise a path to an HF sequence-classification directory -> HFClassifierJudge.
+    A user judge that cannot be loaded is a :class:`JudgeError`, never a silent None."""
+    check_judge_spec(spec)
     if spec in (None, "", "none"):
         return None
     if spec == "builtin":
@@ -195,4 +217,10 @@ def load_judge(spec: str, harmful_labels: list[str] | None = None,
         except FileNotFoundError as e:  # head missing: degrade like a missing MiniLM
             warnings.warn(f"builtin judge unavailable: {e}", stacklevel=2)
             return None
-    return HFClassifierJudge(spec, harmful_labels, device=device)
+    try:
+        return HFClassifierJudge(spec, harmful_labels, device=device)
+    except JudgeError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise JudgeError(f"judge {str(spec)!r} cannot be loaded: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}") from None
