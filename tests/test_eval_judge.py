@@ -108,3 +108,42 @@ def test_train_judge_script_on_slice(tmp_path):
     assert held["accuracy"] >= 0.65, held
     assert held["accuracy"] >= held["majority_baseline"] + 0.1, held
     assert (out / "head.safetensors").exists()
+
+
+def test_unusable_user_judge_is_a_one_line_error_before_any_model_loads(tmp_path, monkeypatch,
+                                                                         capsys):
+    from fastunlearn.eval import EvalConfig
+    from fastunlearn.eval import cli as eval_cli
+    from fastunlearn.eval.judge import JudgeError
+
+    monkeypatch.setattr(eval_cli, "_load", lambda *a: pytest.fail("a model was loaded"))
+    out = tmp_path / "ev"
+    rc = eval_cli.eval_main(["--model", "m", "--device", "cpu", "--judge", "/nonexistent",
+                             "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err.startswith("error: judge '/nonexistent' does not exist"), err
+    assert not out.exists()
+    with pytest.raises(JudgeError, match="does not exist"):
+        EvalConfig(judge="/nonexistent")
+    with pytest.raises(JudgeError, match="no config.json"):
+        load_judge(str(tmp_path))  # a folder, but not a model
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(JudgeError, match="is not a directory"):
+        load_judge(str(tmp_path / "file"))
+
+
+def test_trainer_with_unusable_judge_fails_instead_of_reporting_none():
+    from fastunlearn.config import RunConfig
+    from fastunlearn.data import Pair, RecipeData
+    from fastunlearn.eval.judge import JudgeError
+    from fastunlearn.trainer import Trainer
+    from tests.tiny_model import tiny_llama, tiny_tokenizer
+
+    cfg = RunConfig()
+    cfg.train.device, cfg.eval.judge = "cpu", "/nonexistent"
+    ps = [Pair(f"q {i}?", f"a {i}.") for i in range(4)]
+    trainer = Trainer(cfg, model=tiny_llama(128), tokenizer=tiny_tokenizer(),
+                      recipe=RecipeData("tiny", ps[:2], ps[:2], ps[2:], ps[2:]), progress=False)
+    with pytest.raises(JudgeError, match="does not exist"):
+        trainer.setup()

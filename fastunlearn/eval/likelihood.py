@@ -140,8 +140,9 @@ def _kl_sum(ref_logits: torch.Tensor, cur_logits: torch.Tensor) -> float:
 def reference_snapshot(model, tokenizer, pairs, *, max_length: int = 256,
                        batch_size: int = 8) -> dict:
     """What ``answer_kl`` needs of a reference, kept without the reference model: its trunk's
-    hidden states at the answer positions (N, H) and a copy of its head. Exact (fp32 logits
-    are recomputed from them); about N x H + V x H numbers instead of a whole model."""
+    hidden states at the answer positions (N, H) and a copy of its head (with its logit scale
+    and soft-cap). Exact (fp32 logits are recomputed from them); about N x H + V x H numbers
+    instead of a whole model."""
     from fastunlearn.models import head_of, trunk_of
 
     rows = encode_pairs(tokenizer, pairs, max_length=max_length)
@@ -154,7 +155,7 @@ def reference_snapshot(model, tokenizer, pairs, *, max_length: int = 256,
     head = head_of(model)
     return {"hidden": hidden, "weight": head.weight.detach().float().cpu().clone(),
             "bias": None if head.bias is None else head.bias.detach().float().cpu().clone(),
-            "softcap": head.softcap}
+            "softcap": head.softcap, "logit_scale": float(getattr(head, "logit_scale", 1.0))}
 
 
 @torch.no_grad()
@@ -172,7 +173,7 @@ def answer_kl_to_snapshot(model, tokenizer, pairs, snapshot: dict, *, max_length
         bias = snapshot["bias"]
         ref = logits_ref(ref_h.to(cur.device), snapshot["weight"].to(cur.device),
                          None if bias is None else bias.to(cur.device),
-                         snapshot["softcap"] or None)
+                         snapshot["softcap"] or None, None, snapshot.get("logit_scale", 1.0))
         total += _kl_sum(ref, cur[valid])
         count += int(valid.sum())
     return total, count
