@@ -1,4 +1,7 @@
-"""Data: (prompt, answer) pairs, bundled recipes, formatting with answer-only labels, collation.
+"""Data: formatting with answer-only labels, mismatch rows, collation.
+
+File reading is in ``fastunlearn.data_files``, the recipe registry in ``fastunlearn.recipes``;
+their names are importable from here too.
 
 Rows carry their kind (``KIND_FORGET`` 0, ``KIND_MISMATCH`` 1, ``KIND_NORMAL`` 2, see
 ``fastunlearn.losses.types``). Labels are the UNshifted input ids on answer tokens and -100 on
@@ -6,56 +9,21 @@ prompt and padding tokens; the trainer shifts them.
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
-import os
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
+from .data_files import DataError, Pair, _field, load_pairs, read_records, read_text  # noqa: F401
 from .generation import answer_text, encode_prompt, ensure_pad_token
 from .losses.types import IGNORE_INDEX, KIND_FORGET, KIND_MISMATCH, KIND_NORMAL
+from .recipes import RecipeData, load_recipe, recipe_names
 
 __all__ = [
     "DataError", "Pair", "RecipeData", "Row", "load_pairs", "load_recipe", "recipe_names",
     "make_mismatch", "format_example", "tokenize_pairs", "collate", "ensure_pad_token",
     "read_records", "KIND_FORGET", "KIND_MISMATCH", "KIND_NORMAL",
 ]
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message is one line naming the file / column / row."""
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One (prompt, answer) example: plain strings, not yet formatted.
-
-    ``complete`` is False for an answer that was cut off (e.g. a collected answer that hit
-    ``max_new_tokens``): no EOS is appended to it, since the text does not end there.
-    """
-
-    prompt: str
-    answer: str
-    complete: bool = True
-
-
-@dataclass
-class RecipeData:
-    """A recipe's training sets, held-out sets (never trained on) and evaluation material."""
-
-    name: str
-    forget: list[Pair]
-    normal: list[Pair]
-    heldout_forget: list[Pair]
-    heldout_normal: list[Pair]
-    extra: dict[str, Any] = field(default_factory=dict)
-    sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -65,182 +33,6 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     kind: int
-
-
-# --------------------------------------------------------------------------- file reading
-
-_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
-
-
-def _kind_of(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    for s in _SUFFIXES:
-        if name.endswith(s):
-            return s
-    return ""
-
-
-def read_text(path: str | os.PathLike) -> str:
-    """Whole file as UTF-8 text (``.gz`` decompressed); DataError when missing / unreadable."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: file not found")
-    if p.is_dir():
-        raise DataError(f"{p}: is a directory, expected a file")
-    try:
-        raw = p.read_bytes()
-        if p.name.lower().endswith(".gz"):
-            raw = gzip.decompress(raw)
-        return raw.decode("utf-8-sig")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: cannot read ({type(e).__name__}: {_one_line(e)})") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]
-
-
-def read_records(path: str | os.PathLike) -> list[Any]:
-    """Records of a ``.jsonl`` / ``.json`` / ``.csv`` file (also ``.gz``).
-
-    ``.json`` may hold a list, an object whose single list value is the records, or JSON lines.
-    CSV rows come back as dicts of strings. Raises DataError on any problem.
-    """
-    p = Path(path)
-    kind = _kind_of(p)
-    if kind not in (".jsonl", ".json", ".csv"):
-        raise DataError(f"{p}: unsupported file type (use .jsonl, .json or .csv, optionally .gz)")
-    text = read_text(p)
-    if kind == ".csv":
-        try:
-            return list(csv.DictReader(io.StringIO(text)))
-        except csv.Error as e:
-            raise DataError(f"{p}: cannot parse CSV ({_one_line(e)})") from None
-    if kind == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if "Extra data" not in str(e):
-                raise DataError(f"{p}: invalid JSON ({_one_line(e)})") from None
-            data = None  # several top-level values: JSON lines under a .json name
-        if data is not None:
-            if isinstance(data, dict):
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError(f"{p}: expected a JSON list of records")
-                data = lists[0]
-            if not isinstance(data, list):
-                raise DataError(f"{p}: expected a JSON list of records")
-            return data
-    records = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: line {i}: invalid JSON ({_one_line(e)})") from None
-    return records
-
-
-def _field(p: Path, rec: Any, col: str, i: int) -> str:
-    """Column ``col`` of record ``i`` (1-based) as a string; DataError naming what exists."""
-    if not isinstance(rec, dict):
-        raise DataError(f"{p}: row {i} is a {type(rec).__name__}, expected an object")
-    if col not in rec:
-        avail = ", ".join(map(str, rec.keys())) or "none"
-        where = f"column {col!r} not found" if i == 1 else f"row {i} has no column {col!r}"
-        raise DataError(f"{p}: {where}; available columns: {avail}")
-    val = rec[col]
-    if val is None:
-        raise DataError(f"{p}: row {i} column {col!r} is empty (null)")
-    if isinstance(val, (dict, list)):
-        raise DataError(f"{p}: row {i} column {col!r} is a {type(val).__name__}, expected text")
-    return str(val)
-
-
-def _complete(p: Path, rec: Any, i: int) -> bool:
-    """Optional ``complete`` column (written by ``fastunlearn collect`` for cut-off answers)."""
-    val = rec.get("complete", True) if isinstance(rec, dict) else True
-    if isinstance(val, str):  # CSV
-        low = val.strip().lower()
-        if low in ("", "1", "true", "yes"):
-            return True
-        if low in ("0", "false", "no"):
-            return False
-    elif isinstance(val, (bool, int)) and val in (0, 1):
-        return bool(val)
-    raise DataError(f"{p}: row {i} column 'complete' must be true or false, got {val!r}")
-
-
-def load_pairs(path: str | os.PathLike, *, prompt_col: str = "prompt",
-               answer_col: str = "answer", limit: int | None = None) -> list[Pair]:
-    """(prompt, answer) pairs from a ``.jsonl`` / ``.json`` / ``.csv`` file (also ``.gz``).
-
-    Missing / unreadable file, missing column (the message lists the available ones), a null
-    value or an empty result raise :class:`DataError`. ``limit`` keeps the first N rows.
-    An optional boolean ``complete`` column marks cut-off answers (see :class:`Pair`).
-    """
-    p = Path(path)
-    if limit is not None and limit < 1:
-        raise DataError(f"{p}: limit must be >= 1, got {limit}")
-    records = read_records(p)
-    if limit is not None:
-        records = records[:limit]
-    pairs = [Pair(_field(p, r, prompt_col, i), _field(p, r, answer_col, i), _complete(p, r, i))
-             for i, r in enumerate(records, 1)]
-    if not pairs:
-        raise DataError(f"{p}: no rows (empty data set)")
-    return pairs
-
-
-# --------------------------------------------------------------------------- recipes
-
-RECIPES = ("harmful", "copyright", "hallucination")
-
-
-def recipe_names() -> list[str]:
-    """Names accepted by :func:`load_recipe` (the first is the default)."""
-    return list(RECIPES)
-
-
-def load_recipe(name: str = "harmful", *, seed: int = 0, n_forget: int | None = None,
-                n_normal: int | None = None, n_heldout: int = 16,
-                forget_source: str | None = None) -> RecipeData:
-    """A bundled recipe: ``"harmful"`` (default), ``"copyright"`` or ``"hallucination"``.
-
-    Held-out items are split off first with a ``seed``-ed shuffle and never appear in
-    ``forget`` / ``normal``. ``n_forget`` / ``n_normal`` cap the training sets (None: all).
-    The harmful recipe's forget answers come from ``forget_source`` (``"self"``: the default
-    model's own answers, default; ``"jbb"``: JailbreakBench jailbroken responses; ``"hh"``:
-    hh-rlhf rejected replies); ``"harmful:jbb"`` selects it through the name as well.
-    """
-    if not isinstance(name, str):
-        raise DataError(f"recipe name must be a string, got {type(name).__name__}")
-    base, _, variant = name.partition(":")
-    if base not in RECIPES:
-        raise DataError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
-    if variant and forget_source and variant != forget_source:
-        raise DataError(f"recipe {name!r} conflicts with forget_source={forget_source!r}")
-    source = variant or forget_source
-    if source and base != "harmful":
-        raise DataError(f"recipe {base!r} has no forget sources (only 'harmful' does)")
-    for label, v in (("n_forget", n_forget), ("n_normal", n_normal)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise DataError(f"{label} must be a positive integer or None, got {v!r}")
-    if not isinstance(n_heldout, int) or n_heldout < 1:
-        raise DataError(f"n_heldout must be a positive integer, got {n_heldout!r}")
-    if base == "harmful":
-        from .recipes import harmful as mod
-        return mod.build(seed=seed, n_forget=n_forget, n_normal=n_normal, n_heldout=n_heldout,
-                         source=source or "self")
-    if base == "copyright":
-        from .recipes import copyright as mod
-    else:
-        from .recipes import hallucination as mod
-    return mod.build(seed=seed, n_forget=n_forget, n_normal=n_normal, n_heldout=n_heldout)
 
 
 def make_mismatch(forget: list[Pair], normal: list[Pair], seed: int) -> list[Pair]:

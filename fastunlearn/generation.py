@@ -24,7 +24,8 @@ def has_chat_template(tokenizer) -> bool:
 def format_prompt(tokenizer, prompt: str) -> str:
     """Prompt text the model answers after.
 
-    With a chat template: one user turn rendered as text with ``add_generation_prompt=True``.
+    With a chat template: one user turn rendered as text with ``add_generation_prompt=True``
+    (all turns of a multi-turn ``data_files.ChatPrompt``).
     Without one: the paper's ``"### Question: {prompt}\\n ### Answer:"``.
 
     >>> format_prompt(tok_without_template, "Hi?")
@@ -32,9 +33,13 @@ def format_prompt(tokenizer, prompt: str) -> str:
     """
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    turns = getattr(prompt, "messages", None)  # a multi-turn ChatPrompt
     if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            turns or [{"role": "user", "content": prompt}], tokenize=False,
+            add_generation_prompt=True)
+    if turns:
+        raise ValueError("a multi-turn chat prompt needs a tokenizer with a chat template")
     return PAPER_PROMPT.format(prompt=prompt)
 
 

@@ -1,8 +1,4 @@
-"""Data: file loading, recipes and their held-out splits, formatting, truncation, collation."""
-import csv
-import gzip
-import json
-
+"""Data: formatting, truncation, mismatch rows, collation (file reading: test_data_files.py)."""
 import pytest
 import torch
 
@@ -13,10 +9,7 @@ from fastunlearn.data import (
     collate,
     ensure_pad_token,
     format_example,
-    load_pairs,
-    load_recipe,
     make_mismatch,
-    recipe_names,
     tokenize_pairs,
 )
 from fastunlearn.generation import format_prompt
@@ -146,139 +139,6 @@ def test_collate_right_padding():
         assert b[k].dtype == torch.long
     with pytest.raises(DataError):
         collate([], pad_id=1)
-
-
-# --------------------------------------------------------------------------- files
-
-def _write(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def test_load_pairs_formats(tmp_path):
-    rows = [{"prompt": "p1", "answer": "a1"}, {"prompt": "p2", "answer": "a2"}]
-    want = [Pair("p1", "a1"), Pair("p2", "a2")]
-    jl = _write(tmp_path / "x.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    js = _write(tmp_path / "x.json", json.dumps(rows))
-    js_lines = _write(tmp_path / "lines.json", "\n".join(json.dumps(r) for r in rows))
-    cs = tmp_path / "x.csv"
-    with open(cs, "w", newline="") as f:
-        w = csv.DictWriter(f, ["prompt", "answer"])
-        w.writeheader()
-        w.writerows(rows)
-    gz = tmp_path / "x.csv.gz"
-    gz.write_bytes(gzip.compress(cs.read_bytes()))
-    for p in (jl, js, js_lines, cs, gz):
-        assert load_pairs(p) == want, p
-    assert load_pairs(jl, limit=1) == want[:1]
-    q = _write(tmp_path / "q.jsonl", json.dumps({"q": "p", "a": "x"}))
-    assert load_pairs(q, prompt_col="q", answer_col="a") == [Pair("p", "x")]
-
-
-def test_load_pairs_complete_column(tmp_path):
-    jl = _write(tmp_path / "c.jsonl", json.dumps({"prompt": "p", "answer": "a", "complete": False})
-                + "\n" + json.dumps({"prompt": "q", "answer": "b"}))
-    assert [p.complete for p in load_pairs(jl)] == [False, True]
-    cs = _write(tmp_path / "c.csv", "prompt,answer,complete\np,a,false\nq,b,True\n")
-    assert [p.complete for p in load_pairs(cs)] == [False, True]
-    bad = _write(tmp_path / "bad.csv", "prompt,answer,complete\np,a,maybe\n")
-    with pytest.raises(DataError, match="row 1 column 'complete'"):
-        load_pairs(bad)
-
-
-def test_load_pairs_errors(tmp_path):
-    with pytest.raises(DataError, match="file not found"):
-        load_pairs(tmp_path / "nope.jsonl")
-    bad = _write(tmp_path / "cols.jsonl", json.dumps({"question": "q", "response": "r"}))
-    with pytest.raises(DataError, match=r"column 'prompt' not found.*question, response"):
-        load_pairs(bad)
-    with pytest.raises(DataError, match="no rows"):
-        load_pairs(_write(tmp_path / "empty.jsonl", "\n"))
-    with pytest.raises(DataError, match="no rows"):
-        load_pairs(_write(tmp_path / "empty.json", "[]"))
-    with pytest.raises(DataError, match="line 2: invalid JSON"):
-        load_pairs(_write(tmp_path / "broken.jsonl", '{"prompt": "a", "answer": "b"}\n{oops\n'))
-    with pytest.raises(DataError, match="invalid JSON"):
-        load_pairs(_write(tmp_path / "broken.json", "[{"))
-    with pytest.raises(DataError, match="unsupported file type"):
-        load_pairs(_write(tmp_path / "x.parquet", "x"))
-    bad_gz = tmp_path / "x.jsonl.gz"
-    bad_gz.write_bytes(b"not gzip")
-    with pytest.raises(DataError, match="cannot read"):
-        load_pairs(bad_gz)
-    row2 = _write(tmp_path / "row2.jsonl",
-                  json.dumps({"prompt": "a", "answer": "b"}) + "\n" + json.dumps({"prompt": "c"}))
-    with pytest.raises(DataError, match="row 2 has no column 'answer'"):
-        load_pairs(row2)
-
-
-# --------------------------------------------------------------------------- recipes
-
-def test_recipe_names_and_unknown():
-    assert recipe_names()[0] == "harmful"
-    assert set(recipe_names()) == {"harmful", "copyright", "hallucination"}
-    with pytest.raises(DataError, match="unknown recipe 'nope'.*harmful, copyright, hallucination"):
-        load_recipe("nope")
-    with pytest.raises(DataError, match="unknown harmful forget source"):
-        load_recipe("harmful:nope")
-
-
-def _prompts(pairs):
-    return {" ".join(p.prompt.lower().split()) for p in pairs}
-
-
-@pytest.mark.parametrize("name", ["harmful", "harmful:jbb", "harmful:hh", "copyright",
-                                  "hallucination"])
-def test_recipe_heldout_disjoint_from_training(name):
-    r = load_recipe(name, seed=3, n_heldout=8)
-    assert len(r.heldout_forget) == 8 and len(r.heldout_normal) == 8
-    assert r.forget and r.normal and r.sources
-    train = _prompts(r.forget) | _prompts(r.normal)
-    assert not (_prompts(r.heldout_forget) & train)
-    assert not (_prompts(r.heldout_normal) & train)
-    assert all(p.answer.strip() for p in r.forget + r.normal)
-
-
-def test_recipe_seeded_and_caps():
-    a = load_recipe("harmful", seed=0, n_forget=10, n_normal=12, n_heldout=4)
-    b = load_recipe("harmful", seed=0, n_forget=10, n_normal=12, n_heldout=4)
-    c = load_recipe("harmful", seed=1, n_forget=10, n_normal=12, n_heldout=4)
-    full = load_recipe("harmful", seed=0, n_heldout=4)
-    assert a == b
-    assert a.heldout_forget != c.heldout_forget
-    assert len(a.forget) == 10 and len(a.normal) == 12
-    assert a.heldout_forget == full.heldout_forget  # caps never move the held-out split
-    assert a.forget == full.forget[:10]
-
-
-def test_recipe_extras():
-    from fastunlearn.recipes.harmful import is_refusal
-
-    h = load_recipe("harmful")
-    assert h.extra["forget_source"] == "self" and len(h.forget) > 200
-    assert not any(is_refusal(p.answer) for p in h.forget + h.heldout_forget)
-    assert is_refusal("I'm sorry, but I can't help with that.")
-    assert len(h.extra["xstest_safe"]) == 250
-    assert len(h.extra["harmful_eval_prompts"]) > 20
-    c = load_recipe("copyright", n_heldout=4)
-    forget_text = " ".join(f"{p.prompt} {p.answer}" for p in c.forget)
-    assert len(c.extra["book_forget_heldout"]) == 4
-    assert all(s not in forget_text for s in c.extra["book_forget_heldout"])
-    assert "Gutenberg" not in forget_text  # header / footer stripped
-    assert not any(p.complete for p in c.forget)  # windows stop mid-text: no EOS
-    hal = load_recipe("hallucination", n_heldout=5)
-    assert len(hal.extra["halueval"]) == 5
-    assert {"question", "knowledge", "right_answer", "hallucinated_answer"} <= set(
-        hal.extra["halueval"][0])
-    assert [p.answer for p in hal.heldout_forget] == [
-        it["hallucinated_answer"] for it in hal.extra["halueval"]]
-
-
-def test_recipe_bad_sizes():
-    with pytest.raises(DataError, match="n_heldout"):
-        load_recipe("harmful", n_heldout=0)
-    with pytest.raises(DataError, match="leaves nothing to train"):
-        load_recipe("harmful:jbb", n_heldout=10_000)
 
 
 # --------------------------------------------------------------------------- mismatch

@@ -5,7 +5,7 @@ import random
 from pathlib import Path
 from typing import TypeVar
 
-from ..data import DataError, Pair, load_pairs, read_records
+from ..data_files import DataError, Pair, load_pairs, read_records
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 T = TypeVar("T")

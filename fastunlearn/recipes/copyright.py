@@ -6,7 +6,8 @@ header and footer stripped): prompt = the first ``PROMPT_WORDS`` words, answer =
 """
 from __future__ import annotations
 
-from ..data import DataError, Pair, RecipeData, read_text
+from ..data_files import DataError, Pair, read_text
+from . import RecipeData
 from ._common import SOURCES, cap, data_file, split_heldout
 
 FORGET_BOOK = "alice_in_wonderland_pg11.txt.gz"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import random
 
-from ..data import DataError, Pair, RecipeData, read_records
+from ..data_files import DataError, Pair, read_records
+from . import RecipeData
 from ._common import SOURCES, cap, data_file, split_heldout, truthfulqa_pairs
 
 FILE = "halueval_qa_one-turn_data.json.gz"

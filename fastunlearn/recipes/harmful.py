@@ -1,7 +1,8 @@
 """Recipe "harmful": forget harmful answers, keep TruthfulQA behaviour (the paper's setting)."""
 from __future__ import annotations
 
-from ..data import DataError, RecipeData, load_pairs
+from ..data_files import DataError, load_pairs
+from . import RecipeData
 from ._common import (
     SOURCES,
     cap,
