@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
+import traceback
 from pathlib import Path
+
+from .signals import Terminated, sigterm_as_interrupt
 
 RUN_EPILOG = """\
 Overrides are key=value pairs with dotted keys (train.lr=1e-5) or unique leaf names (lr=1e-5).
@@ -17,19 +17,60 @@ Options and their defaults:
 """
 
 
-def _errors():
-    """Exception types that are the user's input problems: one line, exit 2."""
-    from .config import ConfigError
-    from .losses.registry import BackendUnavailableError
-    from .models import ModelError
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (exit 2) instead of the usage block."""
 
-    kinds = [ConfigError, ModelError, BackendUnavailableError, FileNotFoundError]
-    try:
-        from .data import DataError
-        kinds.append(DataError)
-    except ImportError:
-        pass
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that are the user's input or environment problems: one line, exit 2.
+
+    ValueError covers ConfigError, DataError, ModelError, OutputError, UnicodeDecodeError and
+    the argument errors of peft and transformers; OSError covers the filesystem (missing,
+    read-only, full); FloatingPointError is a run that diverged or became non-finite.
+    """
+    from .losses._build import ExtensionBuildError
+    from .losses.registry import BackendUnavailableError
+
+    kinds = [ValueError, OSError, OverflowError, FloatingPointError, BackendUnavailableError,
+             ExtensionBuildError]
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "OutOfMemoryError"):
+        kinds.append(torch.OutOfMemoryError)
     return tuple(kinds)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The cause of ``exc`` in one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", ())
+    return f"out of memory: {text}" if isinstance(exc, oom) else text
+
+
+# Modules of the optional extras: a command that needs a missing one says which extra to install.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("transformers", "tokenizers", "yaml", "tqdm", "matplotlib", "safetensors",
+                     "gguf", "numpy"), "train"),
+    "peft": "lora", "triton": "triton", "pyarrow": "data", "datasets": "data",
+}
+
+
+def _missing_extra(exc: ImportError) -> str | None:
+    """One line naming the extra that provides the missing module of ``exc``, if it is one."""
+    top = (getattr(exc, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return (f"{top} is not installed; this needs the {extra} extra: "
+            f"pip install 'fastunlearn[{extra}]'")
 
 
 def _fail(msg: str) -> int:
@@ -44,6 +85,7 @@ def _default_out_dir(cfg) -> Path:
 
 def cmd_run(args) -> int:
     from .config import load_config
+    from .outputs import atomic_dir, check_writable_location, free_name
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -51,20 +93,13 @@ def cmd_run(args) -> int:
         _quiet_libraries()
     if args.out:
         cfg.out = args.out
-    out = Path(cfg.out) if cfg.out else _default_out_dir(cfg)
-    if out.exists() and any(out.iterdir()):
-        return _fail(f"output directory {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Work in a hidden sibling folder; only a finished run is renamed to the final name.
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    out = Path(cfg.out) if cfg.out else free_name(_default_out_dir(cfg))
+    if cfg.model.reference == "cached" and cfg.model.reference_cache_dir:
+        check_writable_location(cfg.model.reference_cache_dir,
+                                "reference cache folder (model.reference_cache_dir)")
+    # Filled as a hidden sibling; only a finished run is renamed to the final name.
+    with atomic_dir(out) as work:
         summary = Trainer(cfg, out, progress=not args.quiet).run(work)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(work, out)
     after, before = summary.get("after", {}), summary.get("before", {})
     print(f"fastunlearn: {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
           f"(backend {summary['backend']}, {summary['tokens_per_second']:.0f} tokens/s)")
@@ -111,17 +146,20 @@ def cmd_configs(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import describe_options
+    from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fastunlearn",
         description="Unlearn harmful / copyrighted / hallucinated outputs from a causal LM "
                     "(Yao, Xu, Liu 2023) with fused loss kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"fastunlearn {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error too (any position on the line)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     run = sub.add_parser("run", help="run an unlearning job",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog=RUN_EPILOG.format(options=describe_options()))
+                         epilog=_run_epilog())
     run.add_argument("--config", default="default",
                      help="YAML file or bundled config name (default: default)")
     run.add_argument("--out", help="output directory (default: runs/<recipe>-<time>)")
@@ -146,26 +184,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_epilog() -> str:
+    try:
+        from .config import describe_options
+    except ImportError as exc:  # without the train extra, the other commands still work
+        return _missing_extra(exc) or str(exc)
+    return RUN_EPILOG.format(options=describe_options())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # collect / eval own their argument parsing.
-    if argv and argv[0] == "collect":
-        from .collect import collect_main
-        return _guard(lambda: collect_main(argv[1:]))
-    if argv and argv[0] == "eval":
-        from .eval.cli import eval_main
-        return _guard(lambda: eval_main(argv[1:]))
-    args = build_parser().parse_args(argv)
-    return _guard(lambda: args.func(args))
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    with sigterm_as_interrupt():
+        # collect / eval own their argument parsing.
+        if argv and argv[0] == "collect":
+            from .collect import collect_main
+            return _guard(lambda: collect_main(argv[1:]), debug)
+        if argv and argv[0] == "eval":
+            from .eval.cli import eval_main
+            return _guard(lambda: eval_main(argv[1:]), debug)
+        parser = build_parser()
+        return _guard(lambda: _dispatch(parser, argv), debug)
 
 
-def _guard(fn) -> int:
+def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    # Options and key=value overrides in any order (run a=1 --out o b=2): argparse stops
+    # collecting the positional overrides at the first option, so gather the rest here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args.func(args)
+
+
+def _guard(fn, debug: bool = False) -> int:
+    """Run a command: expected failures become one line and exit 2 (the traceback too with
+    --debug); anything else is a bug in fastunlearn and says so, with its traceback."""
     try:
         return int(fn() or 0)
-    except _errors() as exc:
-        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except Terminated:
+        return _fail("terminated (SIGTERM); the unfinished output was removed")
     except KeyboardInterrupt:
-        return _fail("interrupted")
+        return _fail("interrupted; the unfinished output was removed")
+    except _expected_errors() as exc:
+        if debug:
+            traceback.print_exc()
+        return _fail(_one_line(exc))
+    except Exception as exc:
+        hint = _missing_extra(exc) if isinstance(exc, ImportError) else None
+        if hint:  # an optional extra is not installed: the user's environment, not a bug
+            if debug:
+                traceback.print_exc()
+            return _fail(hint)
+        traceback.print_exc()
+        print(f"fastunlearn: internal error (a bug in fastunlearn, please report it with the "
+              f"traceback above): {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

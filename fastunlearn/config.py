@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class ModelSection:
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                         "gate_proj", "up_proj", "down_proj"])
     lora_merge_on_save: bool = True
+    trust_remote_code: bool = False  # let a model folder run its own Python code (off: refuse)
 
 
 @dataclass
@@ -49,8 +51,8 @@ class DataSection:
     answer_column: str = "answer"
     normal_prompt_column: str = "prompt"
     normal_answer_column: str = "answer"
-    n_forget: int | None = None  # cap on training forget pairs (None = all)
-    n_normal: int | None = None
+    n_forget: int | None = None  # cap on training forget pairs, >= 1 (None = all)
+    n_normal: int | None = None  # the same for normal pairs
     n_heldout: int = 16  # held-out prompts per set, never trained on
     max_length: int = 160  # tokens per row (prompt + answer)
     max_prompt_length: int | None = 96
@@ -90,6 +92,13 @@ class TrainSection:
     # auto: adamw_sr when a trainable weight is bf16 (model.dtype=bfloat16), else adamw
     # | adamw (torch.optim.AdamW, fused) | adamw_sr (stochastic rounding, see optim.py)
     optimizer: str = "auto"
+    # Parameters checked finite after every N-th optimizer step (0: only before saving; they
+    # are always checked before saving): a diverged model is never saved.
+    check_finite_every: int = 10
+    # Divergence guard: stop with an error when the normal KL or the mismatch NLL of a step
+    # (per token, nats) exceeds this bound (None: no bound).
+    max_normal_kl: float | None = 20.0
+    max_mismatch_nll: float | None = 50.0
 
 
 @dataclass
@@ -193,20 +202,25 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
         try:
             f = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config key {key!r} expects an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config key {key!r} expects a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"config key {key!r} expects a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
@@ -250,7 +264,10 @@ def read_yaml(path_or_name: str) -> tuple[dict, str]:
         names = ", ".join(bundled_config_names())
         raise ConfigError(f"config file {path_or_name} not found (bundled configs: {names})")
     try:
-        return yaml.safe_load(path.read_text()) or {}, str(path)
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {exc.start})") \
+            from None
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path}: {str(exc).splitlines()[0]}") from None
 
@@ -270,13 +287,65 @@ def load_config(config: str | None = "default", overrides: list[str] | None = No
     return cfg
 
 
+_DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def _normalise_types(cfg: RunConfig) -> None:
+    """Every value through the same type checks as YAML and overrides (also for configs built
+    in code): integers are integers, numbers are finite."""
+    for key, (section, name) in _all_keys().items():
+        owner = cfg if section is None else getattr(cfg, section)
+        setattr(owner, name, _coerce(getattr(owner, name), _field_type(section, name), key))
+
+
+def _at_least(value, low, key: str, *, none_ok: bool = False, hint: str = ""):
+    """(ok, message) for ``value >= low`` (or None when ``none_ok``)."""
+    if value is None and none_ok:
+        return True, ""
+    what = f"{key} must be >= {low}" + (" or none" if none_ok else "")
+    return value is not None and value >= low, f"{what}{hint}, got {value!r}"
+
+
 def validate(cfg: RunConfig) -> None:
-    t, d, lo = cfg.train, cfg.data, cfg.loss
-    checks = [
-        (t.steps >= 1, "train.steps must be >= 1"),
-        (t.batch_size >= 1, "train.batch_size must be >= 1"),
-        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (t.lr > 0, "train.lr must be > 0"),
+    """Every type and range check, in one step that runs before anything heavy (no model or
+    data is loaded yet). ConfigError with a one-line message on the first failure."""
+    _normalise_types(cfg)
+    t, d, lo, m, e = cfg.train, cfg.data, cfg.loss, cfg.model, cfg.eval
+    ranges = [
+        _at_least(t.steps, 1, "train.steps"),
+        _at_least(t.batch_size, 1, "train.batch_size"),
+        _at_least(t.grad_accum, 1, "train.grad_accum"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr!r}"),
+        _at_least(t.weight_decay, 0, "train.weight_decay"),
+        _at_least(t.warmup_steps, 0, "train.warmup_steps"),
+        (t.max_grad_norm is None or t.max_grad_norm > 0,
+         f"train.max_grad_norm must be > 0 or none (no clipping), got {t.max_grad_norm!r}"),
+        _at_least(t.threads, 1, "train.threads", none_ok=True),
+        _at_least(t.stop_extra_steps, 0, "train.stop_extra_steps"),
+        _at_least(t.check_finite_every, 0, "train.check_finite_every",
+                  hint=" (0: only before saving)"),
+        (t.max_normal_kl is None or t.max_normal_kl > 0,
+         f"train.max_normal_kl must be > 0 or none, got {t.max_normal_kl!r}"),
+        (t.max_mismatch_nll is None or t.max_mismatch_nll > 0,
+         f"train.max_mismatch_nll must be > 0 or none, got {t.max_mismatch_nll!r}"),
+        _at_least(d.n_forget, 1, "data.n_forget", none_ok=True, hint=" (none: all)"),
+        _at_least(d.n_normal, 1, "data.n_normal", none_ok=True, hint=" (none: all)"),
+        _at_least(d.n_heldout, 1, "data.n_heldout"),
+        _at_least(d.max_length, 8, "data.max_length"),
+        _at_least(d.max_prompt_length, 1, "data.max_prompt_length", none_ok=True),
+        _at_least(lo.chunk_rows, 1, "loss.chunk_rows", none_ok=True, hint=" (none: automatic)"),
+        (min(lo.eps_forget, lo.eps_mismatch, lo.eps_normal) >= 0,
+         "loss coefficients must be >= 0 (the ascent sign is built in)"),
+        _at_least(m.lora_r, 1, "model.lora_r"),
+        (m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha!r}"),
+        (0 <= m.lora_dropout < 1, f"model.lora_dropout must be in [0, 1), got {m.lora_dropout!r}"),
+        (bool(m.lora_targets) or not m.lora, "model.lora_targets must name at least one module"),
+        _at_least(e.every, 0, "eval.every"),
+        _at_least(e.batch_size, 1, "eval.batch_size"),
+        _at_least(e.max_new_tokens, 1, "eval.max_new_tokens"),
+    ] + [_at_least(getattr(e, k), 0, f"eval.{k}")
+         for k in ("n_harmful", "n_normal", "n_xstest", "samples")]
+    choices = [
         (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          "train.device must be auto, cpu or cuda[:N]"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
@@ -285,19 +354,17 @@ def validate(cfg: RunConfig) -> None:
         (t.optimizer in ("auto", "adamw", "adamw_sr"),
          "train.optimizer must be auto, adamw or adamw_sr"),
         (d.kl_tokens in ("answer", "all"), "data.kl_tokens must be 'answer' or 'all'"),
-        (cfg.model.reference in ("auto", "copy", "adapters", "cached"),
+        (m.dtype in _DTYPE_NAMES, f"model.dtype must be one of {', '.join(_DTYPE_NAMES)}"),
+        (m.reference_dtype in _DTYPE_NAMES,
+         f"model.reference_dtype must be one of {', '.join(_DTYPE_NAMES)}"),
+        (m.reference in ("auto", "copy", "adapters", "cached"),
          "model.reference must be auto, copy, adapters or cached"),
-        (cfg.model.reference != "adapters" or cfg.model.lora,
+        (m.reference != "adapters" or m.lora,
          "model.reference=adapters needs model.lora=true"),
-        (cfg.model.reference != "copy" or not cfg.model.lora,
+        (m.reference != "copy" or not m.lora,
          "model.lora=true takes model.reference=adapters or cached, not copy"),
-        (d.max_length >= 8, "data.max_length must be >= 8"),
-        (d.n_heldout >= 1, "data.n_heldout must be >= 1"),
-        (min(lo.eps_forget, lo.eps_mismatch, lo.eps_normal) >= 0,
-         "loss coefficients must be >= 0 (the ascent sign is built in)"),
-        (cfg.eval.every >= 0, "eval.every must be >= 0"),
     ]
-    for ok, msg in checks:
+    for ok, msg in ranges + choices:
         if not ok:
             raise ConfigError(msg)
 

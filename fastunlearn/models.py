@@ -13,8 +13,12 @@ The loss needs the trunk's hidden states and the head weight; we take them from
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import importlib.util
 import os
+import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,31 +72,111 @@ def resolve_model_spec(spec: str) -> tuple[str, str | None]:
                          + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else ""))
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model path {spec} does not exist")
+    if not _in_hub_cache(spec) and not hub_reachable():
+        close = difflib.get_close_matches(spec, ["smollm2"], n=1)
+        hint = "did you mean 'smollm2'? " if close else ""
+        raise ModelError(f"model {spec!r} is not a local path, not in the Hugging Face cache, "
+                         f"and the hub is unreachable ({_offline_reason()}): {hint}give a "
+                         "local model folder or .gguf file, or 'smollm2'")
     return spec, None  # hub id
 
 
-def load_tokenizer(spec: str):
+def _hub_offline_env() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _offline_reason() -> str:
+    return "HF_HUB_OFFLINE is set" if _hub_offline_env() else "no connection"
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_probe(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub can be reached: one quick connection (remembered), instead
+    of the libraries' long retries. Behind an HTTP(S) proxy the answer is yes (not probed)."""
+    if _hub_offline_env():
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return _hub_probe(url.hostname or "huggingface.co",
+                      url.port or (80 if url.scheme == "http" else 443))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid repo id: not cached
+        return False
+
+
+def _load_kwargs(path: str, trust_remote_code: bool) -> dict:
+    """from_pretrained arguments shared by model and tokenizer: remote code explicitly on or
+    off (never an interactive question), and a cached hub model read offline when the hub is
+    unreachable (no retries)."""
+    kwargs = {"trust_remote_code": bool(trust_remote_code)}
+    if not Path(path).exists() and not hub_reachable():
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _load_error(what: str, spec: str, gguf: str | None, exc: Exception) -> ModelError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "trust_remote_code" in str(exc):
+        return ModelError(f"{what} {spec!r} needs its own Python code to load: set "
+                          "model.trust_remote_code=true (or --trust-remote-code) only if you "
+                          "trust it")
+    if gguf:
+        return ModelError(f"cannot read GGUF file {gguf} of {what} {spec!r} (truncated, or not "
+                          f"a GGUF file?): {first}")
+    return ModelError(f"cannot load {what} {spec!r}: {first}")
+
+
+# What a broken model file raises inside transformers / gguf (reading, reshaping, parsing).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, struct.error)
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from .data import ensure_pad_token
 
     path, gguf = resolve_model_spec(spec)
+    kwargs = _load_kwargs(path, trust_remote_code)
+    if gguf:
+        kwargs["gguf_file"] = gguf
     try:
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else \
-            AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise ModelError(f"cannot load tokenizer {spec!r}: {str(exc).splitlines()[0]}") from None
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except _LOAD_ERRORS as exc:
+        raise _load_error("tokenizer", spec, gguf, exc) from None
     ensure_pad_token(tok)
     return tok
 
 
 def load_model_and_tokenizer(spec: str, *, dtype="float32", device="cpu",
-                             attn_implementation: str | None = "auto"):
-    """Load (model, tokenizer) from a spec; the model is in eval mode on ``device``."""
+                             attn_implementation: str | None = "auto",
+                             trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a spec; the model is in eval mode on ``device``.
+    ``trust_remote_code``: allow a model folder's own Python code (off: such a model fails
+    with a one-line ModelError)."""
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve_model_spec(spec)
-    kwargs = {"dtype": parse_dtype(dtype)}
+    kwargs = {"dtype": parse_dtype(dtype), **_load_kwargs(path, trust_remote_code)}
     attn = pick_attn_implementation(device) if attn_implementation == "auto" \
         else attn_implementation
     if attn:
@@ -101,11 +185,11 @@ def load_model_and_tokenizer(spec: str, *, dtype="float32", device="cpu",
         kwargs["gguf_file"] = gguf
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ModelError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    except _LOAD_ERRORS as exc:
+        raise _load_error("model", spec, gguf, exc) from None
     if gguf:
         clear_gguf_quantization(model)
-    tok = load_tokenizer(spec)
+    tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tok
 
 

@@ -1,12 +1,15 @@
 """`fastunlearn collect`: prompt files, atomic JSONL output, end to end on a tiny local model."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastunlearn.collect import collect_forget_set, collect_main, load_prompts, write_pairs
+from fastunlearn.cli import main
+from fastunlearn.collect import collect_forget_set, default_output, load_prompts, write_pairs
 from fastunlearn.data import DataError, Pair, load_pairs
 from fastunlearn.generation import generate_answers
+from fastunlearn.outputs import OutputError
 from tests.tiny_model import tiny_llama, tiny_tokenizer
 
 
@@ -48,9 +51,21 @@ def test_write_pairs_atomic_round_trip(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        write_pairs([Pair("new", "x"), Boom()], out)
-    assert load_pairs(out) == pairs  # the old file is untouched
-    assert sorted(x.name for x in out.parent.iterdir()) == ["f.jsonl"]
+        write_pairs([Pair("new", "x"), Boom()], out.with_name("g.jsonl"))
+    assert sorted(x.name for x in out.parent.iterdir()) == ["f.jsonl"]  # nothing half-written
+    with pytest.raises(OutputError, match="exists"):  # never written over
+        write_pairs([Pair("new", "x")], out)
+    assert load_pairs(out) == pairs
+
+
+def test_default_output_never_over_the_input(tmp_path, monkeypatch):
+    """The default name of `x.forget.jsonl` is `x.forget.jsonl`: it steps to a free name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.forget.jsonl").write_text('{"prompt": "p", "answer": "a"}\n')
+    assert default_output("x.forget.jsonl") == Path("x-2.forget.jsonl")
+    assert default_output("sub/y.txt") == Path("y.forget.jsonl")
+    with pytest.raises(OutputError, match="also an input"):
+        write_pairs([Pair("p", "a")], "x.forget.jsonl", ["x.forget.jsonl"])
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +87,7 @@ def test_collect_main_writes_jsonl(tmp_path, tiny_dir, capsys):
     prompts = ["How do I do a bad thing?", "Tell me something harmful.", "x"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "forget.jsonl"
-    rc = collect_main(["--prompts", str(tmp_path / "prompts.txt"), "--model", str(tiny_dir),
+    rc = main(["collect", "--prompts", str(tmp_path / "prompts.txt"), "--model", str(tiny_dir),
                        "--out", str(out), "--max-new-tokens", "6", "--batch-size", "2",
                        "--no-progress"])
     assert rc == 0
@@ -98,20 +113,20 @@ def test_collect_main_writes_jsonl(tmp_path, tiny_dir, capsys):
 def test_collect_main_limit_and_errors(tmp_path, tiny_dir, capsys):
     (tmp_path / "p.jsonl").write_text('{"goal": "a"}\n{"goal": "b"}\n')
     out = tmp_path / "o.jsonl"
-    rc = collect_main(["--prompts", str(tmp_path / "p.jsonl"), "--column", "goal",
+    rc = main(["collect", "--prompts", str(tmp_path / "p.jsonl"), "--column", "goal",
                        "--limit", "1", "--model", str(tiny_dir), "--out", str(out),
                        "--max-new-tokens", "2", "--no-progress"])
     assert rc == 0 and len(out.read_text().splitlines()) == 1
     capsys.readouterr()
     bad_out = tmp_path / "never.jsonl"
-    rc = collect_main(["--prompts", str(tmp_path / "missing.txt"), "--model", str(tiny_dir),
+    rc = main(["collect", "--prompts", str(tmp_path / "missing.txt"), "--model", str(tiny_dir),
                        "--out", str(bad_out)])
     err = capsys.readouterr().err
     assert rc == 2 and "file not found" in err and len(err.strip().splitlines()) == 1
     assert not bad_out.exists()
-    rc = collect_main(["--prompts", str(tmp_path / "p.jsonl"), "--model", str(tiny_dir),
+    rc = main(["collect", "--prompts", str(tmp_path / "p.jsonl"), "--model", str(tiny_dir),
                        "--out", str(bad_out)])
     assert rc == 2 and "column 'prompt' not found" in capsys.readouterr().err
-    rc = collect_main(["--prompts", str(tmp_path / "p.jsonl"), "--column", "goal",
+    rc = main(["collect", "--prompts", str(tmp_path / "p.jsonl"), "--column", "goal",
                        "--batch-size", "0", "--out", str(bad_out)])
     assert rc == 2 and not bad_out.exists()
