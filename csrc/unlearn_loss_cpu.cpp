@@ -1,7 +1,8 @@
 // fastunlearn C++ CPU backend: the fused unlearning loss (gradient ascent, mismatch NLL, KL to a
 // reference) with gradients computed in the forward, without a (BT, V) logits buffer.
 //
-// Math, per valid row r of kind k (z = h W^T + b, optionally soft-capped z <- c tanh(z / c)):
+// Math, per valid row r of kind k (z = s (h W^T + b) with the logit scale s, optionally
+// soft-capped z <- c tanh(z / c); the scale is applied to the gathered hidden rows and the bias):
 //   nll_r = lse(z_r) - z_r[y_r]                           d nll / dz = softmax(z_r) - onehot(y_r)
 //   kl_r  = sum_v q_v (zr_v - z_v) + lse(z_r) - lse(zr_r)  d kl / dz  = softmax(z_r) - q
 //           with q = softmax(zr_r), zr = h_ref W_ref^T + b_ref (no gradient)
@@ -96,7 +97,9 @@ static inline float row_max(const float* x, int64_t n) {
   return m;
 }
 
-// Bias and soft-cap on one row, in place (rare paths: plain loops).
+// Bias and soft-cap on one row, in place (rare paths: plain loops). With a cap the row holds
+// t = tanh(z / c) afterwards (the logit is c t): the cap's derivative is then 1 - t^2, exactly 0
+// where tanh saturates (1 - (c t)^2 / c^2 is not).
 static void prepare_row(float* z, const float* bias, float cap, int64_t n) {
   if (bias != nullptr) {
 #pragma omp simd
@@ -104,7 +107,7 @@ static void prepare_row(float* z, const float* bias, float cap, int64_t n) {
   }
   if (cap > 0.0f) {
     const float inv = 1.0f / cap;
-    for (int64_t i = 0; i < n; ++i) z[i] = cap * std::tanh(z[i] * inv);
+    for (int64_t i = 0; i < n; ++i) z[i] = std::tanh(z[i] * inv);
   }
 }
 
@@ -119,23 +122,26 @@ struct RowPass {
   float cap;             // soft-cap, <= 0 for none
   int64_t R, Rn, V;
 
-  // Steps 3a-3c for one row. kCap: with a soft-cap the dz pass needs the capped logits, so the
-  // exponentials are recomputed instead of stored in place.
+  // Steps 3a-3c for one row. kCap: the row holds t = tanh(z / c) and the logit is c t; the dz
+  // pass needs t for the cap's derivative, so the exponentials are recomputed instead of stored.
+  // Softmax as exp(z - max) / sum.
   template <bool kCap>
   void row(int64_t i) const {
     const int64_t V_ = V;
+    const float c = kCap ? cap : 1.0f;
     float* zi = z + i * V_;
     prepare_row(zi, bias, cap, V_);
     const float sc = scale[i];
     const bool normal = i >= R - Rn;
     if (!normal) {
       const int64_t y = label[i];
-      const float zy = zi[y];
-      const float m = row_max(zi, V_);
+      const float ty = zi[y];
+      const float zy = c * ty;
+      const float m = c * row_max(zi, V_);
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
       for (int64_t v = 0; v < V_; ++v) {
-        const float e = fast_exp(zi[v] - m);
+        const float e = fast_exp(c * zi[v] - m);
         s += e;
         if (!kCap) zi[v] = e;
       }
@@ -143,13 +149,12 @@ struct RowPass {
       val[i] = lse - zy;
       const float k = sc / s;
       if (kCap) {
-        const float ic2 = 1.0f / (cap * cap);
 #pragma omp simd
         for (int64_t v = 0; v < V_; ++v) {
-          const float zc = zi[v];
-          zi[v] = k * fast_exp(zc - m) * (1.0f - zc * zc * ic2);
+          const float t = zi[v];
+          zi[v] = k * fast_exp(c * t - m) * (1.0f - t * t);
         }
-        zi[y] -= sc * (1.0f - zy * zy * ic2);
+        zi[y] -= sc * (1.0f - ty * ty);
       } else {
 #pragma omp simd
         for (int64_t v = 0; v < V_; ++v) zi[v] *= k;
@@ -159,16 +164,18 @@ struct RowPass {
     }
     float* ri = zr + (i - (R - Rn)) * V_;
     prepare_row(ri, ref_bias, cap, V_);
-    const float m = row_max(zi, V_);
-    const float mr = row_max(ri, V_);
+    const float m = c * row_max(zi, V_);
+    const float mr = c * row_max(ri, V_);
     float s = 0.0f, sr = 0.0f, cross = 0.0f;  // cross = sum_v exp(zr - mr) (zr - z)
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(+ : s, sr, cross)
     for (int64_t v = 0; v < V_; ++v) {
-      const float a = zi[v], b = ri[v];
+      const float a = c * zi[v], b = c * ri[v];
       const float e = fast_exp(a - m), er = fast_exp(b - mr);
       s += e;
       sr += er;
-      cross += er * (b - a);
+      // q_v = 0 where zr = -inf (a masked entry): no term, even where z = -inf too
+      cross += b > kNegInf ? er * (b - a) : 0.0f;
       if (!kCap) {
         zi[v] = e;
         ri[v] = er;
@@ -178,11 +185,10 @@ struct RowPass {
     val[i] = cross / sr + (lse - lse_r);
     const float k = sc / s, kr = sc / sr;
     if (kCap) {
-      const float ic2 = 1.0f / (cap * cap);
 #pragma omp simd
       for (int64_t v = 0; v < V_; ++v) {
-        const float zc = zi[v];
-        zi[v] = (k * fast_exp(zc - m) - kr * fast_exp(ri[v] - mr)) * (1.0f - zc * zc * ic2);
+        const float t = zi[v];
+        zi[v] = (k * fast_exp(c * t - m) - kr * fast_exp(c * ri[v] - mr)) * (1.0f - t * t);
       }
     } else {
 #pragma omp simd
@@ -215,8 +221,8 @@ std::vector<at::Tensor> forward_backward(
     const at::Tensor& kind, const c10::optional<at::Tensor>& ref_hidden_opt,
     const c10::optional<at::Tensor>& ref_weight_opt, const c10::optional<at::Tensor>& bias_opt,
     const c10::optional<at::Tensor>& ref_bias_opt, double eps_forget, double eps_mismatch,
-    double eps_normal, double softcap, bool reduction_sum, int64_t ignore_index,
-    int64_t chunk_rows, bool need_dx, bool need_dw) {
+    double eps_normal, double softcap, double logit_scale, bool reduction_sum,
+    int64_t ignore_index, int64_t chunk_rows, bool need_dx, bool need_dw) {
   // ---- input checks: one clear line each ----
   check_cpu(hidden, "hidden");
   check_cpu(weight, "weight");
@@ -311,8 +317,11 @@ std::vector<at::Tensor> forward_backward(
     // fp32 copies only when needed (bf16 / fp16 / fp64 heads); fp32 contiguous heads are used as is
     const at::Tensor W = weight.to(at::kFloat).contiguous();
     const at::Tensor WR = has_rw ? ref_weight_opt->to(at::kFloat).contiguous() : W;
-    const at::Tensor b = has_bias ? bias_opt->to(at::kFloat).contiguous() : at::Tensor();
-    const at::Tensor rb = has_rbias ? ref_bias_opt->to(at::kFloat).contiguous() : at::Tensor();
+    // the logit scale goes on the (V) biases and the gathered hidden rows, never on a head
+    const float ls = static_cast<float>(logit_scale);
+    const at::Tensor b = has_bias ? (bias_opt->to(at::kFloat) * ls).contiguous() : at::Tensor();
+    const at::Tensor rb =
+        has_rbias ? (ref_bias_opt->to(at::kFloat) * ls).contiguous() : at::Tensor();
     const at::Tensor rows_t = at::from_blob(rows.data(), {N}, at::kLong);
     const int64_t R_max = std::min<int64_t>(chunk_rows, N);
     const int64_t first_normal = counts[0] + counts[1];
@@ -324,14 +333,16 @@ std::vector<at::Tensor> forward_backward(
       const int64_t Rn = std::max<int64_t>(0, s + R - std::max(s, first_normal));
       const at::Tensor idx = rows_t.narrow(0, s, R);
       // 1. policy logits of the chunk
-      const at::Tensor hc = hidden.index_select(0, idx).to(at::kFloat).contiguous();
+      at::Tensor hc = hidden.index_select(0, idx).to(at::kFloat).contiguous();
+      if (ls != 1.0f) hc.mul_(ls);
       at::Tensor z = zbuf.narrow(0, 0, R);
       gemm(hc, W.t(), z, 0.0f);
       // 2. reference logits of the normal suffix
       at::Tensor zr;
       if (Rn > 0) {
-        const at::Tensor hr =
+        at::Tensor hr =
             ref_hidden_opt->index_select(0, idx.narrow(0, R - Rn, Rn)).to(at::kFloat).contiguous();
+        if (ls != 1.0f) hr.mul_(ls);
         zr = zrbuf.narrow(0, 0, Rn);
         gemm(hr, WR.t(), zr, 0.0f);
       }
@@ -346,11 +357,13 @@ std::vector<at::Tensor> forward_backward(
       if (need_dx) {
         at::Tensor dxc = at::empty({R, H}, f32);
         gemm(z, W, dxc, 0.0f);
+        if (ls != 1.0f) dxc.mul_(ls);
         dX.index_copy_(0, idx, dxc.to(hidden.scalar_type()));
       }
       if (need_dw) gemm(z.t(), hc, dW, s == 0 ? 0.0f : 1.0f);
       if (has_bias) db.add_(z.sum(0));
     }
+    if (has_bias && ls != 1.0f) db.mul_(ls);
   }
 
   // ---- terms, in double, in a fixed order (deterministic) ----
@@ -400,7 +413,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("kind"),
         py::arg("ref_hidden"), py::arg("ref_weight"), py::arg("bias"), py::arg("ref_bias"),
         py::arg("eps_forget"), py::arg("eps_mismatch"), py::arg("eps_normal"),
-        py::arg("softcap"), py::arg("reduction_sum"), py::arg("ignore_index"),
+        py::arg("softcap"), py::arg("logit_scale"), py::arg("reduction_sum"),
+        py::arg("ignore_index"),
         py::arg("chunk_rows"), py::arg("need_dx") = true, py::arg("need_dw") = true);
   m.def("adamw_sr_step", &adamw_sr_step,
         "In-place AdamW step on bf16 param / grad with stochastically rounded stores",

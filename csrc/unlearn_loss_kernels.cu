@@ -5,11 +5,15 @@
 // dtype T = fp32 / fp16 / bf16; optional bias b and soft-cap c: x = c tanh((z + b) / c)).
 //   policy rows (forget / mismatch, r < ref_start):
 //       nll_r = lse(x_r) - x_r[y_r]     with x_r[y_r] recomputed in fp32 as <h_r, W_y> (+ b_y)
-//       dz_v  = scale_r (softmax(x_r)_v - [v == y_r]) * (1 - (x_v / c)^2)
+//       dz_v  = scale_r (softmax(x_r)_v - [v == y_r]) * (1 - tanh^2((z_v + b_v) / c))
 //   normal rows (r >= ref_start), reference logits xr in the zr buffer:
 //       kl_r  = sum_v q_v (xr_v - x_v) + lse(x_r) - lse(xr_r),   q = softmax(xr_r)
-//       dz_v  = scale_r (softmax(x_r)_v - q_v) * (1 - (x_v / c)^2)
+//       dz_v  = scale_r (softmax(x_r)_v - q_v) * (1 - tanh^2((z_v + b_v) / c))
 // dz overwrites z in place (dtype T); val[r] gets nll_r or kl_r (fp32).
+// softmax(x)_v = exp(x_v - max) / sum (not exp(x_v - lse): lse rounded to fp32 costs precision
+// at large logits). -inf logits (a bias masking padded vocabulary entries) give 0 probability
+// and add nothing to the cross term; a running max still at -inf is used as 0 (no inf - inf).
+// A logit scale is applied by the caller (hidden rows and bias are pre-scaled).
 //
 // Steps per block: 1. fp32 target logit (nll rows), 2. sweep 1 over the row: online max / sum
 // for both models and the cross term sum exp(xr - mr) (xr - x), 16-byte vector loads, fp32 math,
@@ -74,6 +78,9 @@ __device__ __forceinline__ float xform(float raw, const float* bias, int64_t v, 
   float x = bias != nullptr ? raw + bias[v] : raw;
   return cap > 0.f ? cap * tanhf(x / cap) : x;
 }
+
+// The running max as an exp() offset: 0 while every value seen is -inf.
+__device__ __forceinline__ float finite_or_zero(float m) { return m == -INFINITY ? 0.f : m; }
 
 // (m, s) <- combination of two running (max, sum of exp(x - max)); extra terms scale with s.
 __device__ __forceinline__ float merge_scale(float& m, float m2, float& f2) {
@@ -150,8 +157,9 @@ __global__ void __launch_bounds__(kThreads)
       s *= __expf(m - vmax);
       m = vmax;
     }
+    const float m0 = finite_or_zero(m);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) s += __expf(x[i] - m);
+    for (int i = 0; i < VEC; ++i) s += __expf(x[i] - m0);
     if (normal) {
       float xr[VEC];
       const float rmax = load_xform_max<T, VEC>(rrow, base, ref_bias, cap, xr);
@@ -161,11 +169,12 @@ __global__ void __launch_bounds__(kThreads)
         cross *= f;
         mr = rmax;
       }
+      const float mr0 = finite_or_zero(mr);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float e = __expf(xr[i] - mr);
+        const float e = __expf(xr[i] - mr0);
         sr += e;
-        cross += e * (xr[i] - x[i]);
+        if (e > 0.f) cross += e * (xr[i] - x[i]);  // q_v = 0: no 0 * inf
       }
     }
   }
@@ -196,22 +205,26 @@ __global__ void __launch_bounds__(kThreads)
       SR = SR * g1 + sh[3][i] * g2;
       C = C * g1 + sh[4][i] * g2;
     }
+    M = finite_or_zero(M);
+    MR = finite_or_zero(MR);
     const float lse = M + logf(S);
-    result[0] = lse;
+    result[0] = M;
+    result[1] = 1.f / S;
     if (normal) {
       const float lse_r = MR + logf(SR);
-      result[1] = lse_r;
+      result[2] = MR;
+      result[3] = 1.f / SR;
       val[row] = C / SR + (lse - lse_r);  // 5. the row value
     } else {
-      result[1] = 0.f;
+      result[2] = 0.f;
+      result[3] = 0.f;
       val[row] = lse - zy;
     }
   }
   __syncthreads();
-  const float lse = result[0], lse_r = result[1];
+  const float row_max = result[0], inv_s = result[1], ref_max = result[2], inv_sr = result[3];
 
   // 4. sweep 2: dz in place
-  const float inv_c2 = cap > 0.f ? 1.f / (cap * cap) : 0.f;
   for (int64_t base = (int64_t)tid * VEC; base < V; base += (int64_t)kThreads * VEC) {
     float x[VEC], d[VEC];
     load_vec<T, VEC>(zrow + base, x);
@@ -219,15 +232,17 @@ __global__ void __launch_bounds__(kThreads)
     if (normal) load_vec<T, VEC>(rrow + base, xr);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float xv = xform(x[i], bias, base + i, cap);
-      float g = __expf(xv - lse);
+      const float xb = bias != nullptr ? x[i] + bias[base + i] : x[i];
+      const float t = cap > 0.f ? tanhf(xb / cap) : 0.f;
+      const float xv = cap > 0.f ? cap * t : xb;
+      float g = __expf(xv - row_max) * inv_s;
       if (normal) {
-        g -= __expf(xform(xr[i], ref_bias, base + i, cap) - lse_r);
+        g -= __expf(xform(xr[i], ref_bias, base + i, cap) - ref_max) * inv_sr;
       } else if (base + i == y) {
         g -= 1.f;
       }
       g *= sc;
-      if (cap > 0.f) g *= 1.f - xv * xv * inv_c2;
+      if (cap > 0.f) g *= 1.f - t * t;  // exactly 0 where tanh saturates
       d[i] = g;
     }
     store_vec<T, VEC>(zrow + base, d);

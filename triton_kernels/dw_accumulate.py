@@ -46,19 +46,25 @@ def _probe_addmm_f32(device: torch.device) -> str:
     return mode
 
 
-def accumulate_dw(dw32: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """dw32 (V, H) fp32 += g^T (V, C) @ h (C, H), with fp32 accumulation and no (V, H)
-    temporary in the low-precision dtype when the installed torch allows it."""
-    if g.dtype == torch.float32 and h.dtype == torch.float32:
-        dw32.addmm_(g.T, h)
+def accumulate_dw(dw32: torch.Tensor, g: torch.Tensor, h: torch.Tensor, beta: float = 1.0
+                  ) -> None:
+    """dw32 (V, H) = beta * dw32 + g^T (V, C) @ h (C, H), accumulated in dw32's precision, with
+    no (V, H) temporary in the low-precision dtype when the installed torch allows it.
+    beta = 0 writes the first chunk straight into an uninitialised buffer (no zero fill)."""
+    if g.dtype == dw32.dtype and h.dtype == dw32.dtype:
+        dw32.addmm_(g.T, h, beta=beta)
         return
     mode = _probe_addmm_f32(dw32.device)
     if mode == "addmm":
-        torch.ops.aten.addmm.dtype_out(dw32, g.T, h, torch.float32, out=dw32)
+        torch.ops.aten.addmm.dtype_out(dw32, g.T, h, torch.float32, beta=beta, out=dw32)
         return
     for v0 in range(0, dw32.shape[0], _DW_SLICE):  # bounded temporaries
         gs = g[:, v0:v0 + _DW_SLICE].T
         if mode == "mm":
-            dw32[v0:v0 + _DW_SLICE] += torch.ops.aten.mm.dtype(gs, h, torch.float32)
+            part = torch.ops.aten.mm.dtype(gs, h, torch.float32)
         else:  # no low-precision GEMM with fp32 output here: fp32 GEMM on upcast slices
-            dw32[v0:v0 + _DW_SLICE].addmm_(gs.float(), h.float())
+            part = gs.float() @ h.float()
+        if beta == 0.0:
+            dw32[v0:v0 + _DW_SLICE].copy_(part)
+        else:
+            dw32[v0:v0 + _DW_SLICE] += part

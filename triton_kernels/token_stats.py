@@ -1,33 +1,24 @@
-"""Launchers of the fused unlearning loss and of the token-stats primitive (no autograd).
+"""Launchers of the token-stats primitive: per-token logp, logp_ref and KL, and their
+recompute backward (no autograd; the unlearning loss itself runs through the chunk driver of
+``fastunlearn.losses.driver``).
 
-Structure (DESIGN.md "budget arithmetic"): rows are sorted on the device by
-(valid, kind) so that ignored rows sit at the end and the normal rows form one contiguous block;
-valid rows are processed in chunks of ``chunk_rows``:
+Rows are sorted on the device (valid rows first) and processed in chunks of ``chunk_rows``
+(the caller plans them):
 
-    1. z   = h_c W^T          cuBLAS, input dtype, into a reused (C, V) workspace
-    2. zr  = hr_c Wr^T        cuBLAS, only for the chunk's rows that have a reference
+    1. z   = h_c W^T          input dtype, into a reused (C, V) workspace
+    2. zr  = hr_c Wr^T        only for chunks with reference rows
     3. row kernel             ``unlearn_rows_fwd``: per-row nll / kl, dlogits written over z
-    4. dX_c = dz W            cuBLAS
-    5. dW  += dz^T h_c        cuBLAS accumulating into one fp32 (V, H) buffer (out_dtype=fp32
-                              when the installed torch supports it, else bounded slices)
-    6. db  += sum_rows dz     fp32
+    4. dX_c = dz W, dW (=|+=) dz^T h_c (fp32, beta = 0 on the first chunk), db += sum_rows dz
 
-FLOP floor with N valid rows, N_ref reference rows: 2NHV (z) + 2NHV (dX) + 2NHV (dW)
-+ 2 N_ref HV (zr). Bytes beyond the GEMMs: the row kernel's ~(3 C + 2 C_ref) V elements per
-chunk (see unlearn_rows.py), and each chunk's dW GEMM reads and writes the fp32 dW (hidden in
-the GEMM's epilogue when chunks are large). Workspace: one (C, V) buffer of the input dtype;
-chunks without reference rows use all C rows, chunks of normal rows use C / 2 rows for the
-policy logits and C / 2 for the reference logits. C is set by ``chunk_rows`` or
-FASTUNLEARN_TRITON_WORKSPACE_MB (default: see default_chunk_rows).
+Chunks with reference rows split the workspace between policy and reference logits (C / 2
+rows each). A token's logp and its KL can both carry an upstream gradient, so every row may
+need both logit sets: this is why these statistics keep their own loop.
 
-Host synchronisation: cuBLAS needs the number of valid rows (and of rows with a reference) as
-host integers. Three ways to get them, in this order:
-    * ``num_rows=(n_forget, n_mismatch, n_normal)`` given by the caller (the trainer knows
-      them from its host-side batch): no synchronisation at all;
-    * ``sync=True`` (default): one ``.tolist()`` of a 3-element count tensor per call;
+Host synchronisation: the GEMMs need the number of valid rows as a host integer:
+    * ``num_valid`` given by the caller: no synchronisation;
+    * ``sync=True`` (default): one ``.tolist()`` per call;
     * ``sync=False`` (or FASTUNLEARN_TRITON_SYNC=0): no synchronisation; every row goes through
-      the GEMMs (ignored rows get zero gradients) and the reference GEMM runs on all rows.
-Counts, means and coefficients always stay on the device.
+      the GEMMs (ignored rows get zero gradients).
 """
 from __future__ import annotations
 
@@ -38,31 +29,7 @@ import torch
 from .dw_accumulate import accumulate_dw
 from .unlearn_rows import unlearn_rows_fwd
 
-KIND_IGNORED = 3
-_MAX_CHUNK = 4096
-
-
 # ----------------------------------------------------------------------------- helpers
-
-def default_chunk_rows(vocab: int, hidden: int, elem_size: int, device_type: str) -> int:
-    """Rows per chunk (the workspace holds chunk x V logits of the input dtype).
-
-    Default: a workspace of half the fp32 dW (V x H x 2 bytes), so the forward's peak
-    (dW + workspace) stays at the backward's (fp32 dW + dW in the weight dtype): chunk = 2H /
-    elem_size rows, clamped to [1024, 4096] on CUDA (fewer, larger GEMMs; every chunk re-reads
-    and re-writes the fp32 dW). FASTUNLEARN_TRITON_WORKSPACE_MB overrides it.
-    """
-    mb = os.environ.get("FASTUNLEARN_TRITON_WORKSPACE_MB")
-    if mb:
-        rows = (int(mb) * 2**20) // (max(vocab, 1) * elem_size)
-    elif device_type == "cuda":
-        rows = min(max(2 * hidden // elem_size, 1024), _MAX_CHUNK)
-    else:
-        rows = (64 * 2**20) // (max(vocab, 1) * elem_size)
-    if rows >= 512:
-        rows = rows // 256 * 256  # GEMM-friendly multiples
-    return int(max(16, min(_MAX_CHUNK, rows)))
-
 
 def _block_v_from_env() -> int | None:
     v = os.environ.get("FASTUNLEARN_TRITON_BLOCK_V")
@@ -112,8 +79,7 @@ def _chunk_loop(hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, 
     has_ref = ref_hidden is not None
     rw = (weight if ref_weight is None else ref_weight).detach()
     w = weight.detach()
-    chunk = chunk_rows or default_chunk_rows(vocab, h_dim, weight.element_size(), dev.type)
-    chunk = max(1, min(chunk, max(n_rows, 1)))
+    chunk = max(1, min(chunk_rows, max(n_rows, 1)))
     if has_ref:
         chunk = max(2, chunk)
     block_v = _block_v_from_env()
@@ -124,7 +90,9 @@ def _chunk_loop(hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, 
     dx_s = dw32 = db32 = None
     if write_grad:
         dx_s = torch.empty(n_rows, h_dim, device=dev, dtype=wdt)
-        dw32 = torch.zeros(vocab, h_dim, device=dev, dtype=torch.float32)
+        dw32 = torch.empty(vocab, h_dim, device=dev, dtype=torch.float32)
+        if n_rows == 0:
+            dw32.zero_()
         db32 = torch.zeros(vocab, device=dev, dtype=torch.float32) if bias is not None else None
     if n_rows == 0:
         return row_nll, row_kl, row_ref_nll, dx_s, dw32, db32
@@ -158,7 +126,7 @@ def _chunk_loop(hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, 
                 row_ref_nll[s:e] = ref_nll
             if write_grad:
                 torch.mm(z, w, out=dx_s[s:e])  # 4. dX
-                accumulate_dw(dw32, z, h)  # 5. dW (fp32)
+                accumulate_dw(dw32, z, h, beta=0.0 if s == 0 else 1.0)  # 5. dW (fp32)
                 if db32 is not None:
                     db32 += z.sum(0, dtype=torch.float32)  # 6. db
     return row_nll, row_kl, row_ref_nll, dx_s, dw32, db32
@@ -173,82 +141,6 @@ def _host_or_padded(counts: torch.Tensor, num_rows, sync: bool | None):
     if sync:
         return counts.tolist()  # the one host synchronisation (documented above)
     return None
-
-
-# ----------------------------------------------------------------------------- the loss
-
-def unlearn_loss_fwd(hidden, weight, labels, kind, ref_hidden=None, ref_weight=None, *,
-                     eps_forget, eps_mismatch, eps_normal, bias=None, ref_bias=None,
-                     softcap=None, reduction="mean", ignore_index=-100, chunk_rows=None,
-                     num_rows=None, sync=None):
-    """The whole unlearning loss and its gradients for grad_output = 1.
-
-    Args:
-        hidden: (BT, H) fp32/bf16/fp16, any strides. weight: (V, H) same dtype family.
-        labels: (BT,) int; kind: (BT,) int (0 forget, 1 mismatch, 2 normal).
-        ref_hidden: (BT, H) or None; ref_weight: (V, H) or None (= weight).
-        bias, ref_bias: (V,) or None. softcap: float or None.
-        num_rows: optional host ints (n_forget, n_mismatch, n_normal) of valid rows: removes
-            the host synchronisation. sync: see the module docstring.
-
-    Returns:
-        loss () fp32, terms (3,) fp32 [forget_nll, mismatch_nll, normal_kl], counts (3,) int64,
-        d_hidden (BT, H) hidden dtype, d_weight (V, H) fp32, d_bias (V,) fp32 or None.
-        Sign convention: loss = -eps_forget * forget + eps_mismatch * mismatch
-        + eps_normal * kl (ascent on forget rows comes from the sign, in the forward).
-    """
-    _check_dtypes(hidden, weight)
-    dev = hidden.device
-    bt, h_dim = hidden.shape
-    has_ref = ref_hidden is not None
-    labels = labels.long()
-    kind = kind.long()
-    # key: 0 forget, 1 mismatch, 2 normal (with a reference), 3 ignored
-    vocab = weight.shape[0]
-    # labels outside [0, V) and unknown kinds count as ignored: checking them on the host
-    # would synchronise, and the kernel must never read outside its row
-    valid = ((labels != ignore_index) & (labels >= 0) & (labels < vocab) & (kind >= 0)
-             & (kind <= (2 if has_ref else 1)))
-    key = torch.where(valid, kind, KIND_IGNORED)
-    counts4 = (key[None, :] == torch.arange(4, device=dev)[:, None]).sum(1)
-    counts = counts4[:3]
-    perm = torch.argsort(key, stable=True)
-    key_s = key[perm]
-    y_s = torch.where(key_s == KIND_IGNORED, 0, labels[perm])
-
-    # built with fill_ (a kernel argument), not torch.tensor(list): an H2D copy would sync
-    sign4 = torch.zeros(4, device=dev, dtype=torch.float32)
-    for i, eps in enumerate((-eps_forget, eps_mismatch, eps_normal)):
-        sign4[i].fill_(float(eps))
-    scale4 = sign4 / counts4.clamp(min=1).float() if reduction == "mean" else sign4
-    idx4 = torch.arange(4, device=dev)
-    a4 = torch.where(idx4 < 2, scale4, 0.0)  # NLL coefficient: forget, mismatch
-    b4 = torch.where(idx4 == 2, scale4, 0.0)  # KL coefficient: normal
-    a_s, b_s = a4[key_s], b4[key_s]
-
-    host = _host_or_padded(counts, num_rows, sync)
-    if host is None:  # no sync: all rows through the GEMMs, ignored ones with zero weight
-        n_rows, ref_start, ref_rowmask = bt, None, key_s == 2
-    else:
-        n_rows = host[0] + host[1] + (host[2] if has_ref else 0)
-        ref_start, ref_rowmask = host[0] + host[1], None
-
-    row_nll, row_kl, _, dx_s, dw32, db32 = _chunk_loop(
-        hidden, weight, ref_hidden, ref_weight, perm, n_rows, y_s, a_s, b_s,
-        ref_start=ref_start, ref_rowmask=ref_rowmask, bias=bias, ref_bias=ref_bias,
-        softcap=softcap, write_grad=True, chunk_rows=chunk_rows)
-
-    k = key_s[:n_rows]
-    zero = torch.zeros((), device=dev, dtype=torch.float32)
-    sums = torch.stack([torch.where(k == 0, row_nll, zero).sum(),
-                        torch.where(k == 1, row_nll, zero).sum(),
-                        torch.where(k == 2, row_kl, zero).sum()])
-    terms = sums / counts.clamp(min=1).float() if reduction == "mean" else sums
-    loss = (sign4[:3] * terms).sum()
-    d_hidden = torch.zeros(bt, h_dim, device=dev, dtype=hidden.dtype)
-    if n_rows:
-        d_hidden.index_copy_(0, perm[:n_rows], dx_s.to(hidden.dtype))
-    return loss, terms, counts, d_hidden, dw32, db32
 
 
 # ----------------------------------------------------------------------------- token stats
@@ -268,7 +160,7 @@ def _token_plan(hidden, labels, vocab, ignore_index, num_valid, sync):
 
 
 def token_stats_fwd(hidden, weight, labels, ref_hidden=None, ref_weight=None, *, bias=None,
-                    ref_bias=None, softcap=None, ignore_index=-100, chunk_rows=None,
+                    ref_bias=None, softcap=None, ignore_index=-100, chunk_rows=256,
                     num_valid=None, sync=None):
     """Per-token (logp, logp_ref, kl), each (BT,) fp32; 0 on ignored rows (and for logp_ref,
     kl without a reference). kl = KL(p_ref || p_cur). No gradients (see token_stats_bwd)."""
@@ -296,7 +188,7 @@ def token_stats_fwd(hidden, weight, labels, ref_hidden=None, ref_weight=None, *,
 
 def token_stats_bwd(grad_logp, grad_kl, hidden, weight, labels, ref_hidden=None,
                     ref_weight=None, *, bias=None, ref_bias=None, softcap=None,
-                    ignore_index=-100, chunk_rows=None, num_valid=None, sync=None):
+                    ignore_index=-100, chunk_rows=256, num_valid=None, sync=None):
     """Recompute backward of token_stats_fwd for per-token upstream gradients.
 
     grad_logp, grad_kl: (BT,) (any float dtype) or None. Returns d_hidden (BT, H) hidden

@@ -10,6 +10,9 @@ and soft-cap z <- c * tanh(z / c) applied in the kernel, everything in fp32 regi
           (the cross term t = sum exp(zr - m_r) (zr - z) is kept online and rescaled
            whenever the running max m_r moves; kl = t / s_r - lse_r + lse)
     d loss / d z_v = a_r (p_v - [v == y]) + b_r (p_v - q_v)      then times (1 - tanh^2) if capped
+    with p = exp(z - m) / s and q = exp(zr - m_r) / s_r (m: row max, s: sum of exp(z - m)).
+    -inf logits (a bias masking padded vocabulary entries) give p = q = 0 and add nothing to
+    the cross term; a running max that is still -inf is treated as 0.
 
 ``a_r`` / ``b_r`` are per-row coefficients supplied by the caller: for the unlearning loss
 a = -eps_forget / N_forget (forget rows) or eps_mismatch / N_mismatch (mismatch rows) and b = 0,
@@ -81,6 +84,12 @@ def _tanh(x):
 
 
 @triton.jit
+def _finite_or_zero(m):
+    """A running max, or 0 while every logit seen is -inf (keeps exp(x - m) NaN-free)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _load_logits(ptr, bias_ptr, cols, mask, softcap, HAS_BIAS: tl.constexpr,
                  SOFTCAP: tl.constexpr):
     """Load a tile of logits as fp32 (masked lanes 0: finite, so differences stay NaN-free),
@@ -141,7 +150,8 @@ def _unlearn_rows_fwd_kernel(
         z, _t = _load_logits(z_row, bias_ptr, cols, mask, softcap, HAS_BIAS, SOFTCAP)
         zm = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, _rmax(zm))
-        s = s * tl.exp(m - m_new) + _rsum(tl.exp(zm - m_new))
+        m_ref = _finite_or_zero(m_new)  # -inf (masked vocabulary so far): no -inf - -inf
+        s = s * tl.exp(m - m_ref) + _rsum(tl.exp(zm - m_ref))
         m = m_new
         if HAS_REF:
             if has_ref:
@@ -149,16 +159,20 @@ def _unlearn_rows_fwd_kernel(
                                        HAS_REF_BIAS, SOFTCAP)
                 zrm = tl.where(mask, zr, float("-inf"))
                 mr_new = tl.maximum(m_r, _rmax(zrm))
-                alpha = tl.exp(m_r - mr_new)
-                er = tl.exp(zrm - mr_new)  # 0 on masked lanes, where zr - z = 0 - 0
+                mr_ref = _finite_or_zero(mr_new)
+                alpha = tl.exp(m_r - mr_ref)
+                er = tl.exp(zrm - mr_ref)  # 0 on masked lanes and where zr = -inf
                 s_r = s_r * alpha + _rsum(er)
-                t_r = t_r * alpha + _rsum(er * (zr - z))
+                # q_v = 0 adds nothing, even where z_v = -inf too (0 * inf would be NaN)
+                t_r = t_r * alpha + _rsum(tl.where(er > 0.0, er * (zr - z), 0.0))
                 m_r = mr_new
+    m = _finite_or_zero(m)
     lse = m + tl.log(s)
     tl.store(nll_ptr + row, lse - z_y)
     lse_r = zero
     if HAS_REF:
         if has_ref:
+            m_r = _finite_or_zero(m_r)
             lse_r = m_r + tl.log(s_r)
             zr_y = tl.load(zr_row + y).to(tl.float32)
             if HAS_REF_BIAS:
@@ -171,24 +185,29 @@ def _unlearn_rows_fwd_kernel(
             tl.store(kl_ptr + row, 0.0)
             tl.store(ref_nll_ptr + row, 0.0)
 
-    # 3. pass 2: gradient a (p - onehot) + b (p - q), times the cap derivative, in place
+    # 3. pass 2: gradient a (p - onehot) + b (p - q), times the cap derivative, in place.
+    # p = exp(z - max) / sum: exp(z - lse) with lse rounded to fp32 loses precision at large
+    # logits. Masked lanes use z = max (finite; never stored).
     if WRITE_GRAD:
         a = tl.load(a_ptr + row)
+        inv_s = 1.0 / s
         b = zero
+        inv_sr = zero
         if HAS_REF:
             b = tl.load(b_ptr + row)
+            inv_sr = 1.0 / tl.where(has_ref, s_r, 1.0)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
             z, t = _load_logits(z_row, bias_ptr, cols, mask, softcap, HAS_BIAS, SOFTCAP)
-            p = tl.exp(tl.minimum(z - lse, 0.0))  # <= 0 on real lanes; masked lanes stay finite
+            p = tl.exp(tl.where(mask, z, m) - m) * inv_s
             g = a * (p - tl.where(cols == y, 1.0, 0.0)) + b * p
             if HAS_REF:
                 if has_ref:
                     zr, _tr = _load_logits(zr_row, ref_bias_ptr, cols, mask, softcap,
                                            HAS_REF_BIAS, SOFTCAP)
                     # b p - b q is exactly 0 when zr == z bit for bit (reference = policy)
-                    g = g - b * tl.exp(tl.minimum(zr - lse_r, 0.0))
+                    g = g - b * (tl.exp(tl.where(mask, zr, m_r) - m_r) * inv_sr)
             if SOFTCAP:
                 g = g * (1.0 - t * t)
             tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
@@ -244,6 +263,9 @@ def unlearn_rows_fwd(
         raise ValueError("write_grad needs coef_nll (and coef_kl with a reference)")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
+    # the kernel reads biases with unit stride: a strided view would be read wrongly
+    bias = None if bias is None else bias.contiguous()
+    ref_bias = None if ref_bias is None else ref_bias.contiguous()
     nll = torch.empty(rows, device=dev, dtype=torch.float32)
     kl = torch.zeros(rows, device=dev, dtype=torch.float32)
     ref_nll = torch.zeros(rows, device=dev, dtype=torch.float32)

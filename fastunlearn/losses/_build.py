@@ -221,7 +221,10 @@ def _load_uncached(name, sources, cflags, cuda_cflags, ldflags, with_cuda, sourc
 
 
 def _compile(name, srcs, build_dir, cflags, cuda_cflags, ldflags, with_cuda):
-
+    # A first build can take minutes (280 s were seen on a busy 2-core machine): say so.
+    print(f"fastunlearn: compiling the {'CUDA' if with_cuda else 'C++'} extension {name!r} once "
+          f"(a few minutes, longer on a busy machine); later runs reuse {build_dir}",
+          file=sys.stderr, flush=True)
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None:

@@ -4,9 +4,11 @@ Each backend module registers itself with :func:`register_backend`. Kernel backe
 modules listed in ``_OPTIONAL_MODULES`` and are imported lazily, so a missing Triton or an
 unbuilt extension never breaks ``import fastunlearn``.
 
-Rules (DESIGN.md): ``auto`` picks the fastest available backend for the tensors' device; an
-explicitly requested backend that is unavailable is an error; an automatic fallback warns once;
-``FASTUNLEARN_STRICT=1`` turns any fallback into an error.
+Rules: ``auto`` picks the fastest available backend for the tensors' device, so the default is
+the fast path; asking for a backend by name that cannot run here is an error (a silent swap would
+hide a broken install); an automatic fallback to a slower backend warns once, and
+``FASTUNLEARN_STRICT=1`` turns it into an error (CI and benchmarks must not measure a fallback).
+Capabilities are declared fields of :class:`Backend`, not probed.
 """
 from __future__ import annotations
 
@@ -26,13 +28,22 @@ class BackendUnavailableError(RuntimeError):
 @dataclass
 class Backend:
     name: str
-    fn: Callable  # same signature as reference.unlearn_loss_ref (minus compute_dtype)
+    # fn(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, options)
+    #   -> LossOutput, after the shared input check (checks.check_inputs)
+    fn: Callable
     devices: tuple[str, ...]  # device types it runs on: "cpu", "cuda"
     priority: int  # higher wins under "auto"
     # availability(device_type) -> (ok, reason); device_type is "cpu", "cuda" or None (any)
     availability: Callable[[str | None], tuple[bool, str]] = field(
         default=lambda device_type: (True, "always"))
     description: str = ""
+    # where ``auto`` may pick it (None: every device in ``devices``); triton runs on CPU only
+    # through the interpreter, on request
+    auto_devices: tuple[str, ...] | None = None
+    # floating dtypes it takes for hidden states and heads
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float64)
+    # with options.num_rows given, the forward reads nothing back from the device
+    sync_free: bool = False
 
     def available(self, device_type: str | None = None) -> tuple[bool, str]:
         if device_type is not None and device_type not in self.devices:
@@ -82,11 +93,13 @@ def describe_backends() -> list[dict]:
             b = _BACKENDS[name]
             ok, why = b.available()
             rows.append({"name": name, "devices": list(b.devices), "available": ok,
-                         "reason": why, "priority": b.priority, "description": b.description})
+                         "reason": why, "priority": b.priority, "description": b.description,
+                         "dtypes": [str(d).replace("torch.", "") for d in b.dtypes],
+                         "sync_free": b.sync_free})
         else:
             rows.append({"name": name, "devices": [], "available": False,
                          "reason": _import_errors.get(name, "not installed"), "priority": -1,
-                         "description": ""})
+                         "description": "", "dtypes": [], "sync_free": False})
     return rows
 
 
@@ -111,7 +124,7 @@ def resolve_backend(name: str, device_type: str) -> Backend:
     # Backends may run on a device only on request (triton on CPU through the interpreter):
     # ``auto_devices`` lists where ``auto`` may pick them.
     candidates = sorted((b for b in _BACKENDS.values()
-                         if device_type in (getattr(b, "auto_devices", None) or b.devices)),
+                         if device_type in (b.auto_devices or b.devices)),
                         key=lambda b: -b.priority)
     best_possible = [b for b in candidates if b.name != "reference"]
     for b in candidates:
