@@ -1,0 +1,351 @@
+"""Sharded unlearning (FSDP2 over gloo, 2 forked ranks) against one process, and checkpoints.
+
+Every case runs the same loop (``train``) on one process and on two: UnlearnStep, the ranks'
+shares of the same global batch, all-reduced normalisers, summed gradients, clipping and AdamW.
+After 3 steps the two runs hold the same weights within 1e-5.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fastunlearn import checkpoint as ckpt
+from fastunlearn import distributed as fdist
+from fastunlearn.batching import UnlearnBatcher
+from fastunlearn.models import frozen_copy
+from fastunlearn.unlearn_step import (
+    UnlearnStep,
+    accumulate,
+    clip_grad_norm,
+    prepare,
+    shard,
+)
+from tests.dist_harness import run_killed, run_ranks
+from tests.tiny_model import tiny_llama
+
+EPS = (0.5, 1.0, 1.0)
+TOL = 1e-5
+
+
+@dataclass
+class Row:
+    input_ids: list[int]
+    labels: list[int]
+    kind: int
+
+
+def make_rows(n: int = 6, seed: int = 0) -> list[list[Row]]:
+    """Rows of each kind with random lengths; the prompt part of each row is ignored."""
+    rng = random.Random(seed)
+    kinds = []
+    for kind in range(3):
+        rows = []
+        for _ in range(n):
+            length, prompt = rng.randint(5, 12), rng.randint(1, 3)
+            ids = [rng.randint(6, 127) for _ in range(length)]
+            rows.append(Row(ids, [-100] * prompt + ids[prompt:], kind))
+        kinds.append(rows)
+    return kinds
+
+
+def build(opts: dict) -> UnlearnStep:
+    policy = tiny_llama(tie=opts.get("tie", True), seed=0)
+    ref = opts.get("ref", "copy")
+    if ref == "adapters":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                   target_modules=["q_proj", "v_proj"],
+                                                   init_lora_weights=False))
+        return UnlearnStep(policy, mode="adapters", backend=opts.get("backend", "reference"))
+    if ref == "cached":
+        from fastunlearn.reference_cache import load_or_build_cache
+        from fastunlearn.step import ReferenceRunner
+
+        cache = load_or_build_cache(ReferenceRunner(policy, frozen_copy(policy)),
+                                    make_rows()[2], None, device="cpu",
+                                    compute_dtype=torch.float32, pad_id=1)
+        head = cache.head("cpu")
+        step = UnlearnStep(policy, mode="cached", ref_head=head.weight, ref_bias=head.bias,
+                           backend=opts.get("backend", "reference"))
+        step.cache = cache
+        return step
+    return UnlearnStep(policy, frozen_copy(policy), backend=opts.get("backend", "reference"))
+
+
+class Run:
+    """Model, optimiser, scheduler and this rank's data stream of one test run."""
+
+    def __init__(self, opts: dict):
+        self.opts = opts
+        self.step_module = build(opts)
+        if fdist.world_size() > 1:
+            shard(self.step_module)
+        self.step_module.train()
+        params = [p for p in self.step_module.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, eps=1e-6)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: 1.0 / (1 + s))
+        batcher = UnlearnBatcher(make_rows(), opts.get("batch_size", 4), pad_id=1, seed=0,
+                                 bucket=False, pack=opts.get("pack", False))
+        self.data = fdist.RankBatcher(batcher)
+        self.step = 0
+
+    def train_step(self) -> dict:
+        cache = getattr(self.step_module, "cache", None)
+        micro = [prepare(self.data.next(), torch.device("cpu"), self.step_module.policy, cache)
+                 for _ in range(self.opts.get("grad_accum", 1))]
+        metrics = accumulate(self.step_module, micro, EPS)
+        params = [p for p in self.step_module.policy.parameters() if p.requires_grad]
+        metrics["grad_norm"] = clip_grad_norm(params, self.opts.get("max_grad_norm", 0.5))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return metrics
+
+    def checkpoint_state(self) -> ckpt.TrainState:
+        return ckpt.TrainState(self.step_module.policy, self.optimizer, self.scheduler,
+                               self.data, self.step)
+
+    def full_weights(self) -> dict | None:
+        return ckpt.full_state_dict(self.step_module.policy)
+
+
+def train(opts: dict) -> tuple[dict | None, list[dict]]:
+    run = Run(opts)
+    if opts.get("resume"):
+        run.step = ckpt.load(opts["resume"], run.checkpoint_state(),
+                             fingerprint=opts.get("fp", "x"))
+    rows = []
+    while run.step < opts.get("steps", 3):
+        rows.append(run.train_step())
+        every = opts.get("save_every")
+        if every and run.step % every == 0:
+            ckpt.save(opts["ckpt_dir"], run.checkpoint_state(), fingerprint=opts.get("fp", "x"),
+                      keep=opts.get("keep", 1))
+        if opts.get("kill_at") == run.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return run.full_weights(), rows
+
+
+def assert_close_weights(a: dict, b: dict, tol: float = TOL) -> None:
+    assert a.keys() == b.keys()
+    worst, name = max((float((a[k].float() - b[k].float()).abs().max()), k) for k in a)
+    assert worst <= tol, f"largest weight difference {worst:.3g} > {tol} ({name})"
+
+
+def assert_moved(before_opts: dict, after: dict) -> None:
+    """The comparison means something only if the weights actually changed."""
+    start = build(before_opts).policy.state_dict()
+    moved = max(float((start[k].float() - after[k].float()).abs().max()) for k in after)
+    assert moved > 1e-3
+
+
+CASES = {
+    "reference-tied-copy": {"backend": "reference"},
+    "chunked-untied-copy": {"backend": "chunked", "tie": False},
+    "reference-tied-adapters": {"backend": "reference", "ref": "adapters"},
+    "reference-untied-cached": {"backend": "reference", "tie": False, "ref": "cached"},
+    "chunked-tied-accum2": {"backend": "chunked", "grad_accum": 2, "batch_size": 2},
+    "reference-untied-packed": {"backend": "reference", "tie": False, "pack": True},
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one_process(name):
+    opts = CASES[name]
+    one, rows1 = train(opts)
+    (two, rows2), _ = run_ranks(train, opts)
+    assert_moved(opts, one)
+    assert_close_weights(one, two)
+    for r1, r2 in zip(rows1, rows2):
+        assert r1["counts"] == r2["counts"]
+        assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-5)
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
+
+
+def test_cpp_backend_two_ranks_equal_one_process():
+    from fastunlearn.losses import resolve_backend
+    from fastunlearn.losses.registry import BackendUnavailableError
+
+    try:
+        resolve_backend("cpp", "cpu")
+    except BackendUnavailableError as exc:
+        pytest.skip(f"cpp backend unavailable: {exc}")
+    opts = {"backend": "cpp", "tie": False}
+    one, _ = train(opts)
+    (two, _), _ = run_ranks(train, opts)
+    assert_close_weights(one, two)
+
+
+# ---------------------------------------------------------------------------- resume
+@pytest.fixture
+def one_thread():
+    """Bitwise comparisons: the same thread count in the parent as in forked children."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path, one_thread):
+    straight, rows_straight = train({"steps": 6})
+    opts = {"steps": 6, "save_every": 3, "ckpt_dir": tmp_path, "kill_at": 4}
+    assert run_killed(train, opts) == -signal.SIGKILL
+    assert ckpt.latest(tmp_path).name == "step-00000003"
+    resumed, rows_resumed = train({"steps": 6, "resume": tmp_path})
+    assert len(rows_resumed) == 3
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    assert [r["loss"] for r in rows_straight[3:]] == [r["loss"] for r in rows_resumed]
+
+
+def test_resume_two_ranks_after_kill(tmp_path):
+    (straight, _), _ = run_ranks(train, {"steps": 6})
+    with pytest.raises(RuntimeError, match="died"):
+        run_ranks(train, {"steps": 6, "save_every": 3, "ckpt_dir": tmp_path, "kill_at": 3})
+    (resumed, _), _ = run_ranks(train, {"steps": 6, "resume": tmp_path})
+    assert_close_weights(straight, resumed, tol=1e-6)
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(tmp_path):
+    run_ranks(train, {"steps": 3, "save_every": 3, "ckpt_dir": tmp_path})
+    meta = (ckpt.latest(tmp_path) / "meta.json").read_text()
+    assert '"world_size": 2' in meta
+    straight, _ = train({"steps": 6})
+    resumed, rows = train({"steps": 6, "resume": tmp_path})
+    assert len(rows) == 3
+    assert_close_weights(straight, resumed)
+
+
+def _crash_before_commit(opts):
+    """Save at step 3, then die inside the step-6 save after its files are written."""
+    def die(folder):
+        if folder.name.startswith(".tmp-step-00000006"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(folder)
+    real = ckpt._fsync_tree
+    ckpt._fsync_tree = die
+    train(opts)
+
+
+def test_checkpoint_cut_mid_write_is_never_loaded(tmp_path, one_thread):
+    opts = {"steps": 6, "save_every": 3, "ckpt_dir": tmp_path}
+    assert run_killed(_crash_before_commit, opts) == -signal.SIGKILL
+    assert (tmp_path / ".tmp-step-00000006").is_dir()
+    assert ckpt.latest(tmp_path).name == "step-00000003"
+    straight, _ = train({"steps": 6})
+    resumed, rows = train({"steps": 6, "resume": tmp_path})
+    assert len(rows) == 3
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_damaged_checkpoint_is_refused(tmp_path):
+    train({"steps": 2, "save_every": 1, "ckpt_dir": tmp_path, "keep": 2})
+    newest = ckpt.step_dir(tmp_path, 2)
+    assert newest.is_dir()
+    data = max((p for p in newest.iterdir() if p.suffix == ".distcp"),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:-10])  # cut
+    assert ckpt.latest(tmp_path) == ckpt.step_dir(tmp_path, 1)
+    with pytest.raises(ckpt.CheckpointError, match="incomplete or damaged"):
+        ckpt.resolve(newest)
+    (ckpt.step_dir(tmp_path, 1) / ckpt.MANIFEST).unlink()  # never finished
+    assert ckpt.latest(tmp_path) is None
+    with pytest.raises(ckpt.CheckpointError, match="no finished checkpoint"):
+        ckpt.resolve(tmp_path)
+
+
+def test_resume_from_another_config_is_refused(tmp_path):
+    train({"steps": 1, "save_every": 1, "ckpt_dir": tmp_path, "fp": "aaaa"})
+    with pytest.raises(ckpt.CheckpointError, match="another config or model"):
+        train({"steps": 2, "resume": tmp_path, "fp": "bbbb"})
+
+
+def test_config_fingerprint_ignores_resumable_keys():
+    base = {"train": {"steps": 10, "lr": 1e-5, "save_every": 5}, "out": "a"}
+    same = {"train": {"steps": 20, "lr": 1e-5, "save_every": 2}, "out": "b"}
+    other = {"train": {"steps": 10, "lr": 2e-5, "save_every": 5}, "out": "a"}
+    fp = ckpt.config_fingerprint(base, "m")
+    assert fp == ckpt.config_fingerprint(same, "m")
+    assert fp != ckpt.config_fingerprint(other, "m")
+    assert fp != ckpt.config_fingerprint(base, "another-model")
+
+
+# ------------------------------------------------------------------- final HF model
+def _save_sharded(tie, out):
+    step = UnlearnStep(tiny_llama(tie=tie, seed=0), frozen_copy(tiny_llama(tie=tie, seed=0)))
+    shard(step)
+    ckpt.save_hf(step.policy, None, out)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_sharded_model_saves_a_loadable_hf_directory(tmp_path, tie):
+    from transformers import AutoModelForCausalLM
+
+    run_ranks(_save_sharded, tie, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    want = tiny_llama(tie=tie, seed=0).state_dict()
+    got = loaded.state_dict()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    tied = loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert tied == tie
+
+
+# ----------------------------------------------------------- data shares and launch
+def test_rank_shares_cover_the_global_batch_exactly():
+    rows = make_rows(n=7)
+    whole = UnlearnBatcher(rows, 5, pad_id=1, seed=3, bucket=True)
+    parts = [fdist.RankBatcher(UnlearnBatcher(rows, 5, pad_id=1, seed=3, bucket=True), r, 3)
+             for r in range(3)]
+    for _ in range(4):
+        batch = whole.next()
+        shares = [p.next() for p in parts]
+        for kind in range(3):
+            want = batch.row_index[batch.kind == kind].tolist()
+            got = [i for s in shares for i in s.row_index[s.kind == kind].tolist()]
+            assert got == want  # every row once, in order: none duplicated, none dropped
+    assert [fdist.share(10, r, 4) for r in range(4)] == \
+        [slice(0, 3), slice(3, 6), slice(6, 8), slice(8, 10)]
+
+
+def test_rank_batcher_state_round_trip():
+    rows = make_rows()
+    a = fdist.RankBatcher(UnlearnBatcher(rows, 2, pad_id=1, seed=0))
+    for _ in range(5):
+        a.next()
+    state = a.state_dict()
+    b = fdist.RankBatcher(UnlearnBatcher(rows, 2, pad_id=1, seed=0))
+    b.load_state_dict(state)
+    for _ in range(5):
+        assert torch.equal(a.next().input_ids, b.next().input_ids)
+
+
+def test_more_ranks_than_rows_per_kind_is_refused():
+    with pytest.raises(fdist.DistributedError, match="cannot be split over 4 processes"):
+        fdist.RankBatcher(UnlearnBatcher(make_rows(), 2, pad_id=1, seed=0), 0, 4)
+
+
+@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true"},
+                                 {"ACCELERATE_USE_DEEPSPEED": "1"},
+                                 {"FSDP_SHARDING_STRATEGY": "FULL_SHARD"}])
+def test_accelerate_plugin_settings_are_refused(env):
+    with pytest.raises(fdist.DistributedError, match="accelerate plugin settings") as info:
+        fdist.check_launcher_env(env)
+    assert "\n" not in str(info.value)
+    fdist.check_launcher_env({"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "2"})
+
+
+def test_single_process_needs_no_process_group():
+    assert fdist.init_from_env("cpu").type == "cpu"
+    assert not fdist.is_distributed()
+    assert fdist.global_kind_counts([3, 4, 5]) == [3, 4, 5]
