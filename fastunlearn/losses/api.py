@@ -106,7 +106,8 @@ def unlearn_loss(
         ref_bias = bias  # the reference head is the policy head, bias included
     chosen = resolve_backend(backend, hidden.device.type)
     check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, options,
-                 dtypes=chosen.dtypes, backend=chosen.name)
+                 dtypes=chosen.dtypes, backend=chosen.name,
+                 rows_on_device=chosen.checks_rows_on_device)
     return chosen.fn(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
                      options)
 

@@ -40,8 +40,12 @@ def check_float(t: torch.Tensor, name: str, dtypes: tuple, backend: str) -> None
 
 def check_inputs(hidden, weight, labels, kind, ref_hidden=None, ref_weight=None, bias=None,
                  ref_bias=None, options: LossOptions | None = None, *,
-                 dtypes: tuple = LOSS_DTYPES, backend: str = "reference") -> None:
-    """Shapes, dtypes, devices and (on CPU) row validity; raises ValueError with one line."""
+                 dtypes: tuple = LOSS_DTYPES, backend: str = "reference",
+                 rows_on_device: bool = False) -> None:
+    """Shapes, dtypes, devices and row validity; raises ValueError with one line.
+
+    ``rows_on_device``: the backend checks labels and kinds itself without an extra host sync
+    (the chunk driver); they are then checked here only for CPU tensors."""
     options = options or LossOptions()
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be (BT, H), got shape {tuple(hidden.shape)}")
@@ -78,7 +82,7 @@ def check_inputs(hidden, weight, labels, kind, ref_hidden=None, ref_weight=None,
     for name, t in (("bias", bias), ("ref_bias", ref_bias)):
         if t is not None and t.shape != (vocab,):
             raise ValueError(f"{name} must be ({vocab},), got {tuple(t.shape)}")
-    if device.type == "cpu":
+    if device.type == "cpu" or not rows_on_device:
         check_rows(labels, kind, vocab, options.ignore_index)
 
 

@@ -27,4 +27,5 @@ def _fn(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, op
 
 
 register_backend(Backend("chunked", _fn, ("cpu", "cuda"), priority=10, sync_free=True,
+                         checks_rows_on_device=True,
                          description="row-chunked PyTorch, no (BT, V) logits"))

@@ -92,4 +92,5 @@ def _availability(device_type):
 
 register_backend(Backend("cuda", _fn, ("cuda",), priority=90, availability=_availability,
                          dtypes=(torch.float32, torch.bfloat16), sync_free=True,
+                         checks_rows_on_device=True,
                          description="CUDA row-pass kernel + cuBLAS GEMMs on row chunks"))

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import check_inputs
+from .options import LossOptions
 from .types import (
     DEFAULT_EPS_FORGET,
     DEFAULT_EPS_MISMATCH,
@@ -29,7 +31,6 @@ from .types import (
     KIND_MISMATCH,
     KIND_NORMAL,
     LossOutput,
-    check_inputs,
 )
 
 
@@ -87,7 +88,9 @@ def unlearn_loss_ref(
         >>> out = unlearn_loss_ref(h, W, labels, kind, ref_h, W_ref)
         >>> out.loss.backward()
     """
-    check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, reduction, bias, ref_bias)
+    options = LossOptions(eps_forget, eps_mismatch, eps_normal, reduction, softcap, logit_scale,
+                          ignore_index)
+    check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, options)
     dt = compute_dtype or (hidden.dtype if hidden.dtype in (torch.float32, torch.float64)
                            else torch.float32)
     labels = labels.long()

@@ -44,6 +44,9 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float64)
     # with options.num_rows given, the forward reads nothing back from the device
     sync_free: bool = False
+    # labels and kinds are checked by the backend on the device (folded into its one count,
+    # or a deferred flag), so the shared check does not synchronise for them
+    checks_rows_on_device: bool = False
 
     def available(self, device_type: str | None = None) -> tuple[bool, str]:
         if device_type is not None and device_type not in self.devices:

@@ -230,5 +230,5 @@ def token_stats(hidden, weight, labels, ref_hidden=None, ref_weight=None, *, bia
 # (nor warns that it skipped it).
 register_backend(Backend(
     "triton", _fn, ("cuda", "cpu"), priority=100, availability=availability,
-    auto_devices=("cuda",), dtypes=_DTYPES, sync_free=True,
+    auto_devices=("cuda",), dtypes=_DTYPES, sync_free=True, checks_rows_on_device=True,
     description="cuBLAS row chunks + one Triton row kernel per chunk (fused NLL / KL / grads)"))
