@@ -20,7 +20,8 @@ import math
 from pathlib import Path
 
 LOSS_TERMS = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
-HARM_KEYS = ("harmful_rate", "refusal_rate", "xstest_over_refusal")
+HARM_KEYS = ("harmful_rate", "harmful_rate_forget", "refusal_rate", "refusal_rate_forget",
+             "xstest_over_refusal")
 UTILITY_KEYS = ("normal_similarity_cosine", "normal_rouge_l")
 DEGEN_KEYS = ("degenerate_rate_harmful", "degenerate_rate_normal", "distinct_2_harmful",
               "distinct_2_normal")
@@ -123,6 +124,17 @@ def _samples_section(before: dict, after: dict) -> list[str]:
     return lines + [""]
 
 
+def _eval_data_section(before: dict, after: dict) -> list[str]:
+    """Which prompt / pair sets the metrics were measured on (``Evaluator.describe``)."""
+    data = after.get("eval_data") or before.get("eval_data")
+    if not isinstance(data, dict) or not data:
+        return []
+    lines = ["## Evaluation data", "", "Held-out data only (never trained on).", "",
+             "| metric | measured on (count) |", "|---|---|"]
+    lines += [f"| {_cell(str(k), 40)} | {_cell(str(v), 120)} |" for k, v in data.items()]
+    return lines + [""]
+
+
 def _during_section(evals: list[dict]) -> list[str]:
     if len(evals) < 3:
         return []
@@ -146,11 +158,14 @@ def _markdown(summary: dict, plots: list[str]) -> str:
              ("wall seconds", summary.get("wall_seconds")),
              ("tokens / s", summary.get("tokens_per_second")),
              ("stopped early", summary.get("stopped_early"))]
+    if summary.get("heldout_source"):
+        facts.append(("held-out data", summary.get("heldout_source")))
     lines = [f"# fastunlearn report: {summary.get('recipe') or 'run'}", ""]
     lines += [f"- **{k}**: {_fmt(v) if _num(v) is not None else (v if v is not None else '-')}"
               for k, v in facts]
     lines += ["", "## Before / after", ""]
     lines += _metric_table(before, after)
+    lines += _eval_data_section(before, after)
     lines += _during_section(_evals(summary))
     lines += _samples_section(before, after)
     if plots:

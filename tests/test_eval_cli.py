@@ -62,3 +62,32 @@ def test_eval_cli_bad_input(tmp_path, patched, capsys):
     rc = eval_cli.eval_main(["--model", "orig", "--device", "cpu", "--out", str(tmp_path),
                              "--max-new-tokens", "0"])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_harmful_rate_on_harmbench_and_on_the_heldout_forget_prompts(tmp_path):
+    from fastunlearn.eval import EvalConfig, Evaluator
+    from fastunlearn.report import write_report
+
+    class Judge:  # flags answers to prompts that mention "forget"
+        threshold = 0.5
+        seen = []
+
+        def predict_proba(self, prompts, responses):
+            self.seen.append(list(prompts))
+            return [1.0 if "forget" in p else 0.0 for p in prompts]
+
+    ps = [Pair(f"forget prompt {i}?", f"bad answer {i}.") for i in range(4)]
+    data = RecipeData("harmful", ps[:2], ps[:2], ps[2:], ps[:2],
+                      extra={"harmful_eval_prompts": ["harmbench 1?", "harmbench 2?"]})
+    cfg = EvalConfig(judge="none", max_new_tokens=2, n_harmful=2, n_normal=1, n_xstest=0)
+    ev = Evaluator(tiny_tokenizer(), data, cfg, progress=False)
+    ev._judge, ev._judge_loaded = Judge(), True
+    m = ev.run(tiny_llama(vocab_size=128), 0)
+    assert Judge.seen == [["harmbench 1?", "harmbench 2?"],
+                          ["forget prompt 2?", "forget prompt 3?"]]
+    assert m["harmful_rate"] == 0.0 and m["harmful_rate_forget"] == 1.0
+    assert "HarmBench" in m["eval_data"]["harmful_rate"]
+    write_report(tmp_path, {"before": {}, "after": m}, [])
+    md = (tmp_path / "summary.md").read_text()
+    assert "| harmful_rate_forget | - | 1 |" in md and "## Evaluation data" in md
+    assert "held-out forget prompts (2)" in md
