@@ -349,3 +349,37 @@ def test_single_process_needs_no_process_group():
     assert fdist.init_from_env("cpu").type == "cpu"
     assert not fdist.is_distributed()
     assert fdist.global_kind_counts([3, 4, 5]) == [3, 4, 5]
+
+
+# ------------------------------------------------------------------------- bf16 weights
+def _bf16_gradients(mixed: bool) -> dict:
+    """Gradients of one step with bf16 compute: bf16 weights, or fp32 weights under FSDP's
+    bf16 MixedPrecisionPolicy (autocast with one process)."""
+    from torch.distributed.tensor import DTensor
+
+    from fastunlearn.unlearn_step import bf16_policy
+
+    policy = tiny_llama(tie=False, seed=0)
+    if not mixed:
+        policy = policy.to(torch.bfloat16)
+    step = UnlearnStep(policy, frozen_copy(policy), backend="reference",
+                       compute_dtype=torch.bfloat16)
+    if fdist.world_size() > 1:
+        shard(step, mp_policy=bf16_policy() if mixed else None)
+    data = fdist.RankBatcher(UnlearnBatcher(make_rows(), 4, pad_id=1, seed=0, bucket=False))
+    accumulate(step, [prepare(data.next(), torch.device("cpu"), step.policy)], EPS)
+    grads = {}
+    for name, p in step.policy.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        grads[name] = g.float()
+    return grads
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["bf16-weights", "fp32-master-bf16-mp"])
+def test_bf16_gradients_two_ranks_match_one_process(mixed):
+    one = _bf16_gradients(mixed)
+    two = run_ranks(_bf16_gradients, mixed)[0]
+    for k in one:
+        scale = float(one[k].abs().max())
+        assert scale > 0, k
+        assert float((one[k] - two[k]).abs().max()) <= 2e-2 * scale, k
