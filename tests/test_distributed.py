@@ -383,3 +383,30 @@ def test_bf16_gradients_two_ranks_match_one_process(mixed):
         scale = float(one[k].abs().max())
         assert scale > 0, k
         assert float((one[k] - two[k]).abs().max()) <= 2e-2 * scale, k
+
+
+# ------------------------------------------------------------ loading without N copies
+def _loss_from_meta(tie: bool) -> tuple[float, dict | None]:
+    """Every rank builds on the meta device; only rank 0 holds the real weights."""
+    from fastunlearn.unlearn_step import materialize_from_rank0
+
+    with torch.device("meta"):
+        policy = tiny_llama(tie=tie, seed=0)
+    step = UnlearnStep(policy, frozen_copy(policy), backend="reference")
+    shard(step)
+    source = tiny_llama(tie=tie, seed=0) if fdist.is_main() else None
+    materialize_from_rank0(step, source, torch.device("cpu"))
+    data = fdist.RankBatcher(UnlearnBatcher(make_rows(), 4, pad_id=1, seed=0, bucket=False))
+    metrics = accumulate(step, [prepare(data.next(), torch.device("cpu"), step.policy)], EPS)
+    return metrics["loss"], ckpt.full_state_dict(step.reference)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_meta_build_loads_from_rank0(tie):
+    step = UnlearnStep(tiny_llama(tie=tie, seed=0), frozen_copy(tiny_llama(tie=tie, seed=0)),
+                       backend="reference")
+    data = fdist.RankBatcher(UnlearnBatcher(make_rows(), 4, pad_id=1, seed=0, bucket=False))
+    want = accumulate(step, [prepare(data.next(), torch.device("cpu"), step.policy)], EPS)
+    (loss, ref_weights), _ = run_ranks(_loss_from_meta, tie)
+    assert loss == pytest.approx(want["loss"], abs=1e-5)
+    assert_close_weights(tiny_llama(tie=tie, seed=0).state_dict(), ref_weights, tol=0.0)

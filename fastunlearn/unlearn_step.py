@@ -1,0 +1,322 @@
+"""The unlearning step as one module: policy trunk, reference, valid-row selection and the loss.
+
+Why one module: under FSDP2 a parameter is only whole inside the forward of the module that
+owns it. ``shard`` wraps every decoder layer, then this module as the root, so the root's
+pre-forward gathers what is left (embeddings, final norm, head; the reference's too) and its
+post-backward reduce-scatters their gradients. The head weight is read only inside ``forward``:
+outside it ``lm_head.weight`` is a DTensor holding this rank's rows, and ``full_tensor()`` of it
+used as the head gets no cross-rank gradient reduction. The reference trunk is called from inside
+the same forward too (a sharded trunk called from outside fails on mixed Tensor / DTensor).
+
+With one process the same module runs unsharded. The loss is a sum over this rank's valid
+tokens with every coefficient divided by that kind's token count over all ranks and all
+micro-batches of the step (:func:`coefficients`), and FSDP sums gradients over ranks instead of
+averaging them, so N ranks compute exactly the loss and gradients of one process on the whole
+batch.
+
+    step = UnlearnStep(policy, reference=frozen_copy(policy), backend="chunked")
+    shard(step, mp_policy=bf16_policy())            # with WORLD_SIZE > 1 only
+    inputs = prepare(batch, device)
+    coef = coefficients(eps, global_kind_counts(local_counts))
+    out = step(inputs, coef); out.loss.backward()
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .losses import KIND_NORMAL, LossOutput, unlearn_loss
+from .models import head_of, trunk_of
+from .step import _normal_row_indices, trunk_inputs, valid_positions
+
+REFERENCES = ("copy", "adapters", "cached", "none")
+
+
+@dataclass
+class StepInputs:
+    """The device tensors of one micro-batch for this rank, prepared on the host."""
+
+    trunk: dict  # keyword arguments of the trunk (input_ids, attention_mask | position_ids)
+    flat: torch.Tensor  # (N,) hidden-row index of every valid position
+    labels: torch.Tensor  # (N,) shifted labels
+    kinds: torch.Tensor  # (N,) kind of every valid position
+    normal_sel: torch.Tensor  # (M,) indices into the N valid positions that are normal
+    ref_rows: tuple[int, int]  # normal rows [first, last) for a live reference pass
+    ref_pos: torch.Tensor  # (M,) hidden-row index of each normal position in the ref pass
+    cached_ref: torch.Tensor | None  # (M, H) cached reference hidden states, or None
+    counts: tuple[int, int, int]  # this rank's valid positions per kind (host ints)
+
+
+def prepare(batch, device: torch.device, model: nn.Module, cache=None) -> StepInputs:
+    """Valid rows, kinds and reference positions of ``batch`` (host work, then one copy each).
+    ``model``: the policy (packed rows get a mask built for its attention implementation)."""
+    flat, labels, kinds = valid_positions(batch)
+    t = batch.input_ids.shape[1]
+    sel = (kinds == KIND_NORMAL).nonzero().squeeze(1)
+    normal_rows = (batch.kind == KIND_NORMAL).nonzero().squeeze(1)
+    first, last = (int(normal_rows[0]), int(normal_rows[-1]) + 1) if normal_rows.numel() \
+        else (0, 0)
+    if last - first != normal_rows.numel():
+        raise ValueError("normal rows must be contiguous and last in a batch")
+    cached = None
+    if cache is not None and sel.numel():
+        cached = cache.gather(_normal_row_indices(batch, normal_rows))
+        if cached.shape[0] != sel.numel():
+            raise ValueError("reference cache does not match the batch's normal rows "
+                             "(normal set or tokenisation changed): rebuild the cache")
+        cached = cached.to(device, non_blocking=True)
+    counts = tuple(int((kinds == k).sum()) for k in range(3))
+    return StepInputs(_trunk_inputs(model, batch, device), flat.to(device), labels.to(device),
+                      kinds.to(device), sel.to(device), (first, last),
+                      (flat[sel] - first * t).to(device), cached, counts)
+
+
+def _trunk_inputs(model, batch, device) -> dict:
+    # step.trunk_inputs takes the model first where packed rows need a model-specific mask.
+    if next(iter(inspect.signature(trunk_inputs).parameters)) == "model":
+        return trunk_inputs(model, batch, device)
+    return trunk_inputs(batch, device)
+
+
+def coefficients(eps: tuple[float, float, float], global_counts) -> tuple[float, float, float]:
+    """eps of each kind divided by its valid-token count over the whole step (all ranks, all
+    micro-batches): with ``reduction="sum"`` the summed loss is then the global mean loss."""
+    return tuple(e / max(int(n), 1) for e, n in zip(eps, global_counts))
+
+
+class UnlearnStep(nn.Module):
+    """Policy (trunk + head), reference and loss of one micro-batch in one forward.
+
+    ``reference``: ``copy`` (a frozen module, kept in eval mode; sharded like the policy),
+    ``adapters`` (the LoRA policy with its adapters disabled, run inside the same forward),
+    ``cached`` (hidden states come with the inputs; ``ref_head`` is the reference head weight,
+    a full tensor gathered once) or ``none`` (no KL term).
+    """
+
+    def __init__(self, policy: nn.Module, reference: nn.Module | None = None, *,
+                 mode: str | None = None, ref_head: torch.Tensor | None = None,
+                 ref_bias: torch.Tensor | None = None, backend: str = "auto",
+                 chunk_rows: int | None = None, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if mode is None:
+            mode = "copy" if reference is not None else \
+                ("adapters" if hasattr(policy, "disable_adapter") else "none")
+        if mode not in REFERENCES:
+            raise ValueError(f"reference mode must be one of {', '.join(REFERENCES)}, "
+                             f"got {mode!r}")
+        if (mode == "copy") != (reference is not None):
+            raise ValueError("a reference module is given exactly with mode='copy'")
+        if mode == "adapters" and not hasattr(policy, "disable_adapter"):
+            raise ValueError("mode='adapters' needs a LoRA (peft) policy")
+        if mode == "cached" and ref_head is None:
+            raise ValueError("mode='cached' needs the reference head weight (ref_head)")
+        self.policy = policy
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
+        self.mode = mode
+        # Plain attributes, not buffers: a full copy, never sharded or checkpointed.
+        self.ref_head, self.ref_bias = ref_head, ref_bias
+        self.backend, self.chunk_rows, self.compute_dtype = backend, chunk_rows, compute_dtype
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # dropout off in the reference, always
+        return self
+
+    def _autocast(self, device: torch.device):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
+
+    @torch.no_grad()
+    def _reference_hidden(self, inputs: StepInputs, device: torch.device) -> torch.Tensor:
+        """(M, H) reference hidden states of the normal valid positions (a live pass)."""
+        first, last = inputs.ref_rows
+        rows = {k: v[first:last] if torch.is_tensor(v) else v for k, v in inputs.trunk.items()}
+        if self.mode == "adapters":
+            ctx, model = self.policy.disable_adapter(), self.policy
+        else:
+            ctx, model = contextlib.nullcontext(), self.reference
+        with ctx, self._autocast(device):
+            out = trunk_of(model)(**rows).last_hidden_state
+        out = out.reshape(-1, out.shape[-1]).to(self.compute_dtype)
+        return out[inputs.ref_pos]
+
+    def forward(self, inputs: StepInputs, coef: tuple[float, float, float]) -> LossOutput:
+        """The summed loss of this rank's rows, each kind weighted by ``coef`` (see
+        :func:`coefficients`). Every rank runs the same sequence of sharded calls whatever its
+        rows (the layers gather their weights collectively)."""
+        device = inputs.flat.device
+        eps_f, eps_m, eps_n = coef
+        live_ref = eps_n != 0 and self.mode in ("copy", "adapters")
+        if live_ref and inputs.ref_rows[1] == inputs.ref_rows[0]:
+            raise ValueError("every micro-batch of every rank needs a normal row")
+        ref_h = self._reference_hidden(inputs, device) if live_ref else None
+        with self._autocast(device):
+            hidden = trunk_of(self.policy)(**inputs.trunk).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).to(self.compute_dtype)[inputs.flat]
+        if self.mode == "cached" and eps_n != 0 and inputs.cached_ref is not None:
+            ref_h = inputs.cached_ref.to(self.compute_dtype)
+        ref_hidden = None
+        if ref_h is not None and inputs.normal_sel.numel():
+            ref_hidden = hidden.new_zeros(hidden.shape)
+            ref_hidden[inputs.normal_sel] = ref_h
+
+        head = head_of(self.policy)  # whole here: inside the root's forward
+        weight = head.weight.to(self.compute_dtype)
+        bias = None if head.bias is None else head.bias.to(self.compute_dtype)
+        if self.mode == "cached":
+            ref_weight = self.ref_head.to(device, self.compute_dtype)
+            ref_bias = None if self.ref_bias is None else \
+                self.ref_bias.to(device, self.compute_dtype)
+        elif self.mode == "copy":
+            ref = head_of(self.reference)
+            ref_weight = ref.weight.to(self.compute_dtype)
+            ref_bias = None if ref.bias is None else ref.bias.to(self.compute_dtype)
+        else:  # adapters (LoRA leaves the head alone) or no reference: the loss detaches it
+            ref_weight, ref_bias = None, None if bias is None else bias.detach()
+        n_f, n_m, n_n = inputs.counts
+        return unlearn_loss(hidden, weight, inputs.labels, inputs.kinds, ref_hidden, ref_weight,
+                            eps_forget=eps_f, eps_mismatch=eps_m, eps_normal=eps_n, bias=bias,
+                            ref_bias=ref_bias, softcap=head.softcap, reduction="sum",
+                            backend=self.backend, chunk_rows=self.chunk_rows,
+                            num_rows=(n_f, n_m, n_n if ref_hidden is not None else 0))
+
+
+def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, float, float]
+               ) -> dict:
+    """Forward and backward of every micro-batch of one optimiser step on this rank.
+
+    Normalisers are the per-kind token counts over all ranks and micro-batches; the gradient
+    reduce-scatter runs once, after the last micro-batch. Returns the step's metrics, reduced
+    over ranks: the summed loss, each term's mean over its tokens, and the global counts.
+    """
+    from .distributed import all_reduce_sum, global_kind_counts
+
+    counts = global_kind_counts([sum(c) for c in zip(*(m.counts for m in micro))])
+    coef = coefficients(eps, counts)
+    sums = torch.zeros(4, dtype=torch.float64)
+    for i, inputs in enumerate(micro):
+        set_gradient_sync(step, i == len(micro) - 1)
+        out = step(inputs, coef)
+        out.loss.backward()
+        sums += torch.stack([t.detach().double().cpu() for t in
+                             (out.loss, out.forget_nll, out.mismatch_nll, out.normal_kl)])
+    sums = all_reduce_sum(sums).tolist()
+    return {"loss": sums[0], "forget_nll": sums[1] / max(counts[0], 1),
+            "mismatch_nll": sums[2] / max(counts[1], 1),
+            "normal_kl": sums[3] / max(counts[2], 1), "counts": counts}
+
+
+# ------------------------------------------------------------------------------ sharding
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a (peft-wrapped) causal LM: one FSDP unit each."""
+    trunk = trunk_of(model)
+    layers = getattr(trunk, "layers", None) or getattr(trunk, "h", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"cannot find the decoder layers of {type(trunk).__name__}")
+    return layers
+
+
+def bf16_policy(reduce_fp32: bool = True):
+    """bf16 compute (weights gathered in bf16), gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                reduce_dtype=torch.float32 if reduce_fp32 else torch.bfloat16)
+
+
+def shard(step: UnlearnStep, mesh=None, mp_policy=None, reshard_after_forward: bool = True):
+    """FSDP2: every decoder layer of the policy (and of a copy reference), then the root.
+
+    Gradients are summed over ranks (divide factor 1, plain SUM collectives): the loss is
+    already normalised by the global token counts, so averaging would divide twice.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    models = [step.policy] + ([step.reference] if step.reference is not None else [])
+    for model in models:
+        for layer in decoder_layers(model):
+            fully_shard(layer, **kw)
+    fully_shard(step, **kw)
+    for m in step.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: no PREMUL_SUM (gloo lacks it)
+    return step
+
+
+def set_gradient_sync(step: nn.Module, enabled: bool) -> None:
+    """Gradient accumulation: skip the reduce-scatter on all but the last micro-batch (a no-op
+    unsharded)."""
+    if hasattr(step, "set_requires_gradient_sync"):
+        step.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip gradients to a global L2 norm over all ranks; returns the norm before clipping.
+
+    FSDP2 gradients are DTensors sharded along dim 0: each rank adds the squares of its own
+    rows and one all-reduce sums them (the same formula, coefficient and clamp as
+    ``torch.nn.utils.clip_grad_norm_``, with plain tensors the same result).
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    from .distributed import all_reduce_sum
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    local = []
+    for g in grads:
+        if isinstance(g, DTensor):
+            if not all(isinstance(pl, Shard) for pl in g.placements):
+                raise ValueError(f"clip_grad_norm expects sharded gradients, got {g.placements}")
+            g = g.to_local()
+        local.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
+    total = all_reduce_sum(torch.stack(local).sum().double().cpu()).sqrt()
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return float(total)
+
+
+def materialize_from_rank0(step: UnlearnStep, source: nn.Module | None,
+                           device: torch.device) -> None:
+    """Fill a step built on the meta device (and sharded) with the weights of ``source``.
+
+    ``source`` is the model loaded on rank 0's host (None on every other rank): one full copy
+    per job, not one per rank. Rank 0 broadcasts each tensor and every rank keeps its own
+    shard. A ``copy`` reference gets the same weights. Non-persistent buffers (rotary
+    frequencies), which no state dict holds, are broadcast from rank 0's model too.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .distributed import is_distributed, is_main
+
+    if is_main() and source is None:
+        raise ValueError("rank 0 needs the source model")
+    step.to_empty(device=device)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    models = [step.policy] + ([step.reference] if step.reference is not None else [])
+    for model in models:
+        # A fresh dict each time: loading replaces its values with this rank's shards.
+        set_model_state_dict(model, source.state_dict() if is_main() else {}, options=opts)
+        src = dict(source.named_buffers()) if is_main() else {}
+        for name, buf in model.named_buffers():
+            if is_main():
+                buf.copy_(src[name])
+            if is_distributed():
+                dist.broadcast(buf, src=0)
