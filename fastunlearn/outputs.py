@@ -70,6 +70,18 @@ def check_target_dir(out: str | os.PathLike, what: str = "output folder") -> Pat
     return out
 
 
+def check_fresh_dir(folder: Path) -> Path:
+    """``folder`` is new, or empty, or a working folder from :func:`claim_dir` that holds only
+    its owner mark (what ``Trainer.run`` writes into)."""
+    folder = Path(folder)
+    if folder.is_dir() and any(p.name != OWNER_FILE for p in folder.iterdir()):
+        raise OutputError(f"output folder {folder} is not empty: choose a new one (results are "
+                          "never written over)")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output folder {folder} is a file")
+    return folder
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)

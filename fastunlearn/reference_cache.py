@@ -185,10 +185,13 @@ class ReferenceCache:
         """Load a cache file; with ``mmap`` the hidden states stay on disk until read."""
         try:
             data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, EOFError) as exc:
             raise ValueError(f"cannot read reference cache {path}: "
                              f"{str(exc).splitlines()[0]}") from None
-        if data.get("meta", {}).get("version") != CACHE_VERSION:
+        except torch.serialization.pickle.UnpicklingError:  # objects a cache never holds
+            raise ValueError(f"reference cache {path} is not a fastunlearn reference cache "
+                             "(it holds other objects, not loaded): delete it") from None
+        if not isinstance(data, dict) or data.get("meta", {}).get("version") != CACHE_VERSION:
             raise ValueError(f"reference cache {path} has an unknown format version")
         cache = cls(data["hidden"], data["offsets"], data["head_weight"], data["head_bias"],
                     data["meta"])

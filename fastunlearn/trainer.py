@@ -280,6 +280,9 @@ class Trainer:
         self.step += 1
         self.train_seconds += seconds
         self.train_tokens += real
+        every = cfg.train.check_finite_every
+        if every and self.step % every == 0:
+            self.check_parameters_finite(f"after step {self.step}")
         row = {
             "step": self.step,
             "loss": float(sums[0]),
@@ -293,8 +296,18 @@ class Trainer:
             "step_seconds": seconds,
             "tokens_per_s": real / seconds,
         }
-        if not all(math.isfinite(row[k]) for k in ("loss", "forget_nll", "normal_kl")):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {row}")
+        terms = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
+        bad = [f"{k}={row[k]}" for k in terms if not math.isfinite(row[k])]
+        if bad:
+            raise FloatingPointError(f"non-finite loss at step {self.step} ({', '.join(bad)}): "
+                                     "lower train.lr, or look for NaN / inf in the inputs")
+        # Divergence guard: the descent terms blow up when the ascent runs away.
+        for key, bound in (("normal_kl", cfg.train.max_normal_kl),
+                           ("mismatch_nll", cfg.train.max_mismatch_nll)):
+            if bound is not None and row[key] > bound:
+                raise FloatingPointError(f"training diverged at step {self.step}: {key} "
+                                         f"{row[key]:.4g} > train.max_{key} = {bound:g}; lower "
+                                         "train.lr or the loss coefficients")
         self.metrics_rows.append(row)
         return row
 
@@ -311,15 +324,54 @@ class Trainer:
 
     # ------------------------------------------------------------------ save
     def save(self, out_dir: Path) -> None:
+        self.check_model_finite()  # never save a broken model
         save_model(self.policy, self.tokenizer, out_dir / "model",
                    merge_lora=self.cfg.model.lora_merge_on_save)
 
+    def check_parameters_finite(self, when: str) -> None:
+        """FloatingPointError naming the first trainable parameter that holds NaN or inf."""
+        named = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            largest = torch.nn.utils.get_total_norm([p for _, p in named], float("inf"))
+            if bool(torch.isfinite(largest)):  # one reduction (and one sync) when all is well
+                return
+            name = next(n for n, p in named if not bool(torch.isfinite(p).all()))
+        raise FloatingPointError(f"parameter {name} is not finite {when} (step {self.step}): "
+                                 "training diverged; lower train.lr (nothing was saved)")
+
+    def check_model_finite(self) -> None:
+        """Finite parameters, and finite logits on a training prompt: weights that are finite
+        but huge (train.lr=1e10) still give NaN logits."""
+        from .step import eval_mode
+
+        self.check_parameters_finite("before saving")
+        ids = torch.tensor([self.rows_by_kind[KIND_FORGET][0].input_ids[:32]], device=self.device)
+        with torch.no_grad(), eval_mode(self.policy):
+            logits = self.policy(input_ids=ids, use_cache=False).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(f"the model's logits are not finite after step {self.step}: "
+                                     "training diverged; lower train.lr (nothing was saved)")
+
+    def on_interrupt(self) -> None:
+        """Called when Ctrl-C or SIGTERM (signals.py) stops a run, before its unfinished output
+        is removed: the place to write a final checkpoint. Nothing by default."""
+
     # ------------------------------------------------------------------- run
     def run(self, work_dir: Path | None = None) -> dict:
-        """Train and evaluate; write metrics, model and report into ``work_dir``."""
+        """Train and evaluate; write metrics, model and report into ``work_dir``, which must be
+        new or empty (an earlier run there is never written over)."""
+        from .outputs import check_fresh_dir
+
+        work_dir = check_fresh_dir(Path(work_dir or self.out_dir))
+        try:
+            return self._run(work_dir)
+        except KeyboardInterrupt:
+            self.on_interrupt()
+            raise
+
+    def _run(self, work_dir: Path) -> dict:
         cfg = self.cfg
         wall = time.perf_counter()
-        work_dir = Path(work_dir or self.out_dir)
         self.work_dir = work_dir
         self.setup()
         work_dir.mkdir(parents=True, exist_ok=True)

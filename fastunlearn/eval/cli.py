@@ -163,7 +163,10 @@ def eval_main(argv: list[str] | None = None) -> int:
         "heldout_source": held["source"], "run": str(run) if run is not None else None,
         "before": before, "after": after, "evals": evals, "stopped_early": False,
     }
-    write_report(out, summary, [])
+    from fastunlearn.outputs import atomic_dir
+
+    with atomic_dir(out) as work:  # a new or empty folder, written whole (never over a run)
+        write_report(work, summary, [])
     keys = ("harmful_rate", "harmful_rate_forget", "refusal_rate", "forget_nll", "normal_kl",
             "normal_rouge_l", "xstest_over_refusal", "degenerate_rate_harmful", "eval_seconds")
     print(" ".join(f"{k}={after[k]:.4g}" for k in keys if isinstance(after.get(k), float)))
