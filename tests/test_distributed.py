@@ -10,6 +10,7 @@ import os
 import random
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,16 +283,22 @@ def test_config_fingerprint_ignores_resumable_keys():
 
 # ------------------------------------------------------------------- final HF model
 def _save_sharded(tie, out):
+    from torch.distributed.tensor import DTensor
+
     step = UnlearnStep(tiny_llama(tie=tie, seed=0), frozen_copy(tiny_llama(tie=tie, seed=0)))
     shard(step)
     ckpt.save_hf(step.policy, None, out)
+    # Why the head is read only inside UnlearnStep.forward: outside it is this rank's rows.
+    head = step.policy.lm_head.weight
+    return isinstance(head, DTensor), tuple(head.to_local().shape)
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_sharded_model_saves_a_loadable_hf_directory(tmp_path, tie):
     from transformers import AutoModelForCausalLM
 
-    run_ranks(_save_sharded, tie, tmp_path)
+    shapes = run_ranks(_save_sharded, tie, tmp_path)
+    assert shapes == [(True, (64, 32)), (True, (64, 32))]
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     want = tiny_llama(tie=tie, seed=0).state_dict()
     got = loaded.state_dict()
@@ -410,3 +417,19 @@ def test_meta_build_loads_from_rank0(tie):
     (loss, ref_weights), _ = run_ranks(_loss_from_meta, tie)
     assert loss == pytest.approx(want["loss"], abs=1e-5)
     assert_close_weights(tiny_llama(tie=tie, seed=0).state_dict(), ref_weights, tol=0.0)
+
+
+@pytest.mark.slow
+def test_torchrun_launch_two_processes():
+    """The real launcher: torchrun starts 2 fresh interpreters (about 30 s of imports each)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "benchmarks/bench_distributed.py", "--worlds", "2",
+                          "--steps", "1"], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert all(r["world"] == 2 for r in rows)
