@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 __all__ = [
     "CHARS_PER_TOKEN_BOUND", "ChatPrompt", "DataError", "FORMATS", "Pair", "clip_to_tokens",
-    "load_pairs", "read_records", "read_text",
+    "load_pairs", "pair_record", "read_records", "read_text", "record_pair",
 ]
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")  # files; plus datasets folders and hub ids
@@ -387,19 +387,40 @@ def load_pairs(path: str | os.PathLike, *, prompt_col: str = "prompt",
     if limit is not None and limit < 1:
         raise DataError(f"{p}: limit must be >= 1, got {limit}")
     located = _located_records(path)
-    pairs = []
-    for where, rec in located[:limit]:
-        if isinstance(rec, dict) and prompt_col not in rec and "messages" in rec:
-            prompt, answer = _chat_pair(p, rec["messages"], where)
-        else:
-            prompt, answer = _field(p, rec, prompt_col, where), _field(p, rec, answer_col, where)
-        for what, text in (("prompt", prompt), ("answer", answer)):
-            if not text.strip():
-                raise DataError(f"{p}: {where}: the {what} is blank")
-        pairs.append(Pair(prompt, answer, _complete(p, rec, where)))
+    pairs = [record_pair(rec, source=p, where=where, prompt_col=prompt_col,
+                         answer_col=answer_col) for where, rec in located[:limit]]
     if not pairs:
         raise DataError(f"{p}: no rows (empty data set)")
     return pairs
+
+
+def record_pair(rec: Any, *, source: str | os.PathLike = "record", where: str = "row 1",
+                prompt_col: str = "prompt", answer_col: str = "answer") -> Pair:
+    """The validated :class:`Pair` of one record (prompt / answer columns or chat
+    ``messages``); errors name ``source`` and ``where``. Inverse of :func:`pair_record`."""
+    if isinstance(rec, dict) and prompt_col not in rec and "messages" in rec:
+        prompt, answer = _chat_pair(source, rec["messages"], where)
+    else:
+        prompt = _field(source, rec, prompt_col, where)
+        answer = _field(source, rec, answer_col, where)
+    for what, text in (("prompt", prompt), ("answer", answer)):
+        if not text.strip():
+            raise DataError(f"{source}: {where}: the {what} is blank")
+    return Pair(prompt, answer, _complete(source, rec, where))
+
+
+def pair_record(pair: Pair) -> dict[str, Any]:
+    """A JSON-ready record of ``pair`` that :func:`record_pair` reads back equal: a multi-turn
+    prompt is written as chat ``messages`` (as a plain string it would lose its history)."""
+    turns = getattr(pair.prompt, "turns", None)
+    if turns:
+        rec = {"messages": [{"role": r, "content": c} for r, c in turns]
+                           + [{"role": "assistant", "content": pair.answer}]}
+    else:
+        rec = {"prompt": str(pair.prompt), "answer": pair.answer}
+    if not pair.complete:
+        rec["complete"] = False
+    return rec
 
 
 def clip_to_tokens(text: str, max_tokens: int, *, keep_end: bool = False) -> str:

@@ -14,7 +14,9 @@ from fastunlearn.data_files import (
     Pair,
     clip_to_tokens,
     load_pairs,
+    pair_record,
     read_records,
+    record_pair,
 )
 
 ROWS = [{"prompt": "p1", "answer": "a1"}, {"prompt": "p2", "answer": "a2"}]
@@ -225,6 +227,18 @@ def test_chat_prompt_is_rendered_with_its_history():
         .startswith("6")
     with pytest.raises(ValueError, match="multi-turn chat prompt needs a tokenizer with a chat"):
         format_prompt(tiny_tokenizer(chat_template=False), ChatPrompt(turns))
+
+
+def test_pair_record_round_trip_keeps_chat_history(tmp_path):
+    chat = Pair(ChatPrompt((("system", "s"), ("user", "u1"), ("assistant", "a1"), ("user", "u2"))),
+                "a2", complete=False)
+    pairs = [Pair("p", "a"), chat]
+    assert [record_pair(json.loads(json.dumps(pair_record(x)))) for x in pairs] == pairs
+    p = _write(tmp_path / "rt.jsonl", "".join(json.dumps(pair_record(x)) + "\n" for x in pairs))
+    back = load_pairs(p)
+    assert back == pairs and back[1].prompt.turns == chat.prompt.turns
+    with pytest.raises(DataError, match="heldout.json: record 3: the answer is blank"):
+        record_pair({"prompt": "q", "answer": ""}, source="heldout.json", where="record 3")
 
 
 @pytest.mark.parametrize("messages, match", [
