@@ -70,3 +70,16 @@ def test_recipe_bad_sizes():
         load_recipe("harmful", n_heldout=0)
     with pytest.raises(DataError, match="leaves nothing to train"):
         load_recipe("harmful:jbb", n_heldout=10_000)
+
+
+def test_recipes_do_not_import_the_tokenisation_module():
+    """fastunlearn.recipes reads files through data_files; data.py imports recipes, never the
+    other way round."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastunlearn.recipes as r; r.load_recipe('harmful', n_heldout=2); "
+            "r.load_recipe('copyright', n_heldout=2); r.load_recipe('hallucination', n_heldout=2); "
+            "print('fastunlearn.data' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
