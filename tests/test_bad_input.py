@@ -302,13 +302,13 @@ def test_eval_out_is_a_finished_run(inputs, tmp_path, capsys):
 def test_csv_with_a_stray_quote(inputs, tmp_path, capsys):
     out = tmp_path / "run"
     refused(base_args(inputs, out) + [f"data.forget_file={inputs / 'stray_quote.csv'}"],
-            "line", inputs, tmp_path, capsys, out=out)
+            "check the quotes", inputs, tmp_path, capsys, out=out)
 
 
 def test_csv_with_a_duplicate_header(inputs, tmp_path, capsys):
     out = tmp_path / "run"
     refused(base_args(inputs, out) + [f"data.forget_file={inputs / 'dup_header.csv'}"],
-            "answer", inputs, tmp_path, capsys, out=out)
+            "appears twice", inputs, tmp_path, capsys, out=out)
 
 
 def test_whitespace_answer_in_the_heldout_split(inputs, tmp_path, capsys):
@@ -316,7 +316,7 @@ def test_whitespace_answer_in_the_heldout_split(inputs, tmp_path, capsys):
     f = write_jsonl(tmp_path / "ws.jsonl", rows)
     out = tmp_path / "run"
     refused(base_args(inputs, out) + [f"data.forget_file={f}", "data.n_heldout=5"],
-            "answer", inputs, tmp_path, capsys, out=out)
+            "blank", inputs, tmp_path, capsys, out=out)
 
 
 def test_unusable_judge(inputs, tmp_path, capsys):
@@ -363,3 +363,78 @@ def test_concurrent_run_and_sigterm(inputs, tmp_path, capsys):
     assert first.returncode == 2, err
     assert "terminated" in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []  # no output, no hidden partial folder
+
+
+# ------------------------------------------------------------------ library inputs
+def _loss_args(**changes):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 6, 8, 16
+    args = dict(hidden=torch.randn(n, h, generator=g), weight=torch.randn(v, h, generator=g),
+                labels=torch.randint(0, v, (n,), generator=g),
+                kind=torch.tensor([0, 0, 1, 1, 2, 2]), ref_hidden=torch.randn(n, h, generator=g))
+    args["ref_weight"] = args["weight"]
+    args.update(changes)
+    return args
+
+
+def _meta_weight():
+    import torch
+
+    return torch.empty(16, 8, device="meta")
+
+
+API_CASES = [
+    ("meta weight, cpp", "cpp", lambda: {"weight": _meta_weight()}, "meta"),
+    ("meta weight, chunked", "chunked", lambda: {"weight": _meta_weight()}, "meta"),
+    ("kind 3, reference", "reference",
+     lambda: {"kind": __import__("torch").tensor([0, 0, 1, 3, 2, 2])}, "kind"),
+    ("kind -1, reference", "reference",
+     lambda: {"kind": __import__("torch").tensor([0, 0, 1, -1, 2, 2])}, "kind"),
+    ("integer hidden, reference", "reference",
+     lambda: {"hidden": __import__("torch").ones(6, 8, dtype=__import__("torch").long)},
+     "hidden"),
+]
+
+
+@pytest.mark.parametrize("backend, changes, message", [c[1:] for c in API_CASES],
+                         ids=[c[0] for c in API_CASES])
+def test_loss_refuses_bad_tensors(backend, changes, message):
+    from fastunlearn import unlearn_loss
+    from fastunlearn.losses import resolve_backend
+
+    try:
+        resolve_backend(backend, "cpu")
+    except Exception as exc:  # noqa: BLE001 - the cpp extension may not build here
+        pytest.skip(f"backend {backend} unavailable: {exc}")
+    with pytest.raises(ValueError, match=message) as exc:
+        unlearn_loss(**_loss_args(**changes()), backend=backend)
+    assert len(str(exc.value).splitlines()) == 1
+
+
+def test_loss_propagates_nan_inputs():
+    """Documented: NaN inputs give a NaN loss (the trainer's guard then stops the run)."""
+    import torch
+
+    from fastunlearn import unlearn_loss
+
+    out = unlearn_loss(**_loss_args(hidden=torch.full((6, 8), float("nan"))), backend="chunked")
+    assert torch.isnan(out.loss)
+
+
+def test_reference_cache_with_foreign_objects(tmp_path):
+    """A cache file holding pickled objects is never unpickled: one line naming the cache."""
+    import torch
+
+    from fastunlearn.reference_cache import ReferenceCache
+
+    class Foreign:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    path = tmp_path / "refcache-x.pt"
+    torch.save({"meta": Foreign()}, path)
+    with pytest.raises(ValueError, match="reference cache") as exc:
+        ReferenceCache.load(path)
+    assert len(str(exc.value).splitlines()) == 1

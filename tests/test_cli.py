@@ -1,5 +1,7 @@
 """``fastunlearn`` end to end on a tiny model saved to disk, and every bad input."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -58,8 +60,12 @@ def test_run_end_to_end_and_reload(tiny_dir, tmp_path, capsys):
     assert diff > 0
     assert (out / "model" / "model.safetensors").exists()
     assert (out / "model" / "tokenizer_config.json").exists()
-    # No stray partial folders left next to the output.
+    # No stray partial folders left next to the output; plain permissions (not 0700 / 0600).
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "summary.json").stat().st_mode) == 0o666 & ~umask
 
 
 def _fails(args, capsys, message, tmp_path):
@@ -177,3 +183,38 @@ def test_cached_reference_run(tiny_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["normal_kl"] > 0  # measured against the first state's snapshot
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_version(capsys):
+    from fastunlearn import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"fastunlearn {__version__}"
+
+
+def test_debug_shows_the_traceback(capsys):
+    assert main(["--debug", "run", "train.steps=nan"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("fastunlearn: error:")
+
+
+def test_internal_bug_says_so(monkeypatch, capsys):
+    import fastunlearn.cli as cli
+
+    def broken(args):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(cli, "cmd_backends", broken)
+    assert main(["backends"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "internal error (a bug in fastunlearn" in err
+
+
+def test_overrides_before_and_after_options(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(tiny_dir, out)
+    args = ["run", "train.warmup_steps=1", *args[1:], "--quiet", "train.weight_decay=0.01"]
+    assert main(args) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["warmup_steps"] == 1 and cfg["train"]["weight_decay"] == 0.01
