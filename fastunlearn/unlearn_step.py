@@ -185,7 +185,8 @@ class UnlearnStep(nn.Module):
         n_f, n_m, n_n = inputs.counts
         return unlearn_loss(hidden, weight, inputs.labels, inputs.kinds, ref_hidden, ref_weight,
                             eps_forget=eps_f, eps_mismatch=eps_m, eps_normal=eps_n, bias=bias,
-                            ref_bias=ref_bias, softcap=head.softcap, reduction="sum",
+                            ref_bias=ref_bias, softcap=head.softcap,
+                            logit_scale=getattr(head, "logit_scale", 1.0), reduction="sum",
                             backend=self.backend, chunk_rows=self.chunk_rows,
                             num_rows=(n_f, n_m, n_n if ref_hidden is not None else 0))
 

@@ -77,7 +77,9 @@ def build(opts: dict) -> UnlearnStep:
                            backend=opts.get("backend", "reference"))
         step.cache = cache
         return step
-    return UnlearnStep(policy, frozen_copy(policy), backend=opts.get("backend", "reference"))
+    ref_dtype = opts.get("ref_dtype")  # a reference copy in another dtype than the policy
+    return UnlearnStep(policy, frozen_copy(policy, ref_dtype),
+                       backend=opts.get("backend", "reference"))
 
 
 class Run:
@@ -156,6 +158,8 @@ CASES = {
     "reference-untied-cached": {"backend": "reference", "tie": False, "ref": "cached"},
     "chunked-tied-accum2": {"backend": "chunked", "grad_accum": 2, "batch_size": 2},
     "reference-untied-packed": {"backend": "reference", "tie": False, "pack": True},
+    "chunked-untied-bf16-reference": {"backend": "chunked", "tie": False,
+                                      "ref_dtype": torch.bfloat16},
 }
 
 
