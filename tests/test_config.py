@@ -49,3 +49,37 @@ def test_bad_yaml(tmp_path):
     p.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(str(p))
+
+
+def test_validate_checks_configs_built_in_code():
+    """The same checks for a RunConfig built in code: finite numbers, integers, ranges."""
+    from fastunlearn.config import RunConfig, validate
+
+    for section, name, value, message in [
+        ("train", "lr", float("inf"), "finite"), ("train", "steps", float("nan"), "integer"),
+        ("loss", "eps_mismatch", float("nan"), "finite"), ("train", "steps", 2.5, "integer"),
+        ("train", "max_grad_norm", -1.0, "max_grad_norm"), ("data", "n_normal", 0, "n_normal"),
+        ("loss", "chunk_rows", 0, "chunk_rows"), ("train", "threads", -1, "threads"),
+    ]:
+        cfg = RunConfig()
+        setattr(getattr(cfg, section), name, value)
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg)
+    cfg = RunConfig()
+    cfg.train.lr = 1  # an int where a float is declared is normalised, not refused
+    validate(cfg)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_non_utf8_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes("train:\n  steps: 3 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(p))
+
+
+def test_new_keys_defaults():
+    cfg = load_config("default")
+    assert cfg.model.trust_remote_code is False
+    assert cfg.train.check_finite_every >= 1
+    assert cfg.train.max_normal_kl > 0 and cfg.train.max_mismatch_nll > 0
