@@ -4,8 +4,8 @@ Rows of each kind are cycled through in shuffled epochs. With ``bucket_by_length
 "sortish": shuffled, cut into windows of ``window`` batches, sorted by length inside a window,
 so rows of a batch have similar lengths and less padding is computed. With ``pack`` the rows are
 packed end to end into sequences instead (first fit by decreasing length): each row restarts its
-position ids, and the model keeps rows apart (transformers builds a block-causal mask from
-position ids that restart when no attention mask is given). Normal rows are packed into
+position ids, and the trunk gets an explicit block-diagonal causal mask built from them
+(packing.py), so no row sees another. Normal rows are packed into
 sequences of their own, placed last, so the reference still runs on normal rows only.
 """
 from __future__ import annotations
@@ -142,19 +142,39 @@ def pack_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch:
 
 
 class UnlearnBatcher:
-    """One concatenated batch per call: [forget rows; mismatch rows; normal rows]."""
+    """One concatenated batch per call: [forget rows; mismatch rows; normal rows].
 
-    def __init__(self, rows_by_kind: list[list], batch_size: int, pad_id: int, seed: int,
+    A kind is a list of rows, or rows drawn afresh per batch (``data.MismatchDraws``: its
+    ``lengths`` are sampled like rows, then ``rows(indices, rng)`` makes the batch's rows with a
+    generator seeded by the seed and the batch number, so a run is reproducible)."""
+
+    def __init__(self, rows_by_kind: list, batch_size: int, pad_id: int, seed: int,
                  bucket: bool = True, pack: bool = False):
         self.rows_by_kind = rows_by_kind
         self.pad_id = pad_id
         self.pack = pack
-        self.samplers = [KindSampler([len(r.input_ids) for r in rows], batch_size, seed + k, bucket)
+        self.seed = seed
+        self.draws = 0
+        self.samplers = [KindSampler(_lengths(rows), batch_size, seed + k, bucket)
                          for k, rows in enumerate(rows_by_kind)]
 
     def next(self) -> Batch:
-        picks = [(k, i) for k, s in enumerate(self.samplers) for i in s.next()]
-        rows = [self.rows_by_kind[k][i] for k, i in picks]
+        rows, index = [], []
+        for k, sampler in enumerate(self.samplers):
+            picked = sampler.next()
+            source = self.rows_by_kind[k]
+            if isinstance(source, list):
+                rows += [source[i] for i in picked]
+                index += picked
+            else:
+                drawn = source.rows(picked, random.Random(f"{self.seed}:{k}:{self.draws}"))
+                rows += drawn
+                index += [i for i in picked for _ in range(len(drawn) // len(picked))]
+        self.draws += 1
         if self.pack:
-            return pack_rows(rows, self.pad_id, [i for _, i in picks])
-        return collate_rows(rows, self.pad_id, [i for _, i in picks])
+            return pack_rows(rows, self.pad_id, index)
+        return collate_rows(rows, self.pad_id, index)
+
+
+def _lengths(source) -> list[int]:
+    return [len(r.input_ids) for r in source] if isinstance(source, list) else source.lengths

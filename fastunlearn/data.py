@@ -21,7 +21,7 @@ from .recipes import RecipeData, load_recipe, recipe_names
 
 __all__ = [
     "DataError", "Pair", "RecipeData", "Row", "load_pairs", "load_recipe", "recipe_names",
-    "make_mismatch", "format_example", "tokenize_pairs", "collate", "ensure_pad_token",
+    "MismatchDraws", "format_example", "tokenize_pairs", "collate", "ensure_pad_token",
     "read_records", "KIND_FORGET", "KIND_MISMATCH", "KIND_NORMAL",
 ]
 
@@ -35,16 +35,59 @@ class Row:
     kind: int
 
 
-def make_mismatch(forget: list[Pair], normal: list[Pair], seed: int) -> list[Pair]:
-    """Each forget prompt paired with a normal answer drawn at random (``seed``-ed, with
-    replacement) - the paper's random-mismatch rows.
+class MismatchDraws:
+    """The paper's random-mismatch rows: forget prompts mapped to normal answers drawn afresh.
+
+    :meth:`rows` pairs each given forget prompt with ``k`` normal answers drawn at random (with
+    replacement) by the caller's generator, so every batch sees new pairs and a run seeded the
+    same way draws the same ones. Tokenised pairs are kept for reuse.
+
+    >>> draws = MismatchDraws(tok, forget, normal, k=2, max_length=160)
+    >>> rows = draws.rows([3, 0], random.Random("0:17"))  # 4 rows: prompts 3, 3, 0, 0
     """
-    if not normal:
-        raise DataError("make_mismatch: the normal set is empty")
-    rng = random.Random(seed)
-    # The drawn answer keeps its own `complete` mark (a cut-off book window stays cut off).
-    return [Pair(f.prompt, n.answer, n.complete)
-            for f in forget for n in [normal[rng.randrange(len(normal))]]]
+
+    def __init__(self, tokenizer, forget: list[Pair], normal: list[Pair], *, k: int = 1,
+                 max_length: int, max_prompt_length: int | None = None):
+        if not forget:
+            raise DataError("mismatch rows: the forget set is empty")
+        if not normal:
+            raise DataError("mismatch rows: the normal set is empty")
+        if not isinstance(k, int) or k < 1:
+            raise DataError(f"mismatch answers per prompt must be >= 1, got {k!r}")
+        self.tokenizer, self.forget, self.normal, self.k = tokenizer, forget, normal, k
+        self.kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+        # Sampling and length bucketing go by prompt (the answer is not known until drawn).
+        self.lengths = [len(encode_prompt(tokenizer, f.prompt)) for f in forget]
+        self._rows: dict[tuple[int, int], Row] = {}
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def pair(self, i: int, j: int) -> Pair:
+        """Forget prompt ``i`` with normal answer ``j`` (which keeps its own ``complete`` mark:
+        a cut-off book window stays cut off)."""
+        n = self.normal[j]
+        return Pair(self.forget[i].prompt, n.answer, n.complete)
+
+    def rows(self, prompt_indices: list[int], rng: random.Random) -> list[Row]:
+        """``k`` rows per forget prompt index, answers drawn with ``rng``."""
+        out = []
+        for i in prompt_indices:
+            for _ in range(self.k):
+                j = rng.randrange(len(self.normal))
+                if (i, j) not in self._rows:
+                    self._rows[(i, j)] = self._tokenize(i, j)
+                out.append(self._rows[(i, j)])
+        return out
+
+    def _tokenize(self, i: int, j: int) -> Row:
+        pr = self.pair(i, j)
+        try:
+            ids, labels = format_example(self.tokenizer, pr.prompt, pr.answer,
+                                         add_eos=pr.complete, **self.kw)
+        except DataError as e:
+            raise DataError(f"mismatch row (forget prompt {i}, normal answer {j}): {e}") from None
+        return Row(ids, labels, KIND_MISMATCH)
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -74,9 +117,11 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
     ``add_eos=False`` for a cut-off answer that does not end there).
     Returns ``(input_ids, labels)``: two lists of int of equal length <= ``max_length``;
     labels are -100 on prompt tokens and the (unshifted) token ids on the answer.
-    Truncation keeps answer tokens: the prompt is cut from the LEFT (to ``max_prompt_length``,
-    or to what leaves room), then the answer from the right. DataError when no answer token
-    remains (e.g. an empty answer).
+    Truncation keeps answer tokens: the prompt is cut (to ``max_prompt_length``, or to what
+    leaves room), then the answer from the right. The prompt is cut by dropping the START of
+    the user's text and rendering the template again, so the template (system prompt, turn
+    markers, assistant header) always stays whole. DataError when no answer token remains
+    (e.g. an empty answer) or the template alone does not fit.
 
     >>> ids, labels = format_example(tok, "2+2?", "4", max_length=64)   # paper format
     >>> tok.decode(ids)
@@ -101,8 +146,8 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
         raise DataError(f"answer tokenizes to nothing for prompt {_clip(prompt)!r}")
     if add_eos:
         a_ids = a_ids + [tokenizer.eos_token_id]
-    # 1) cut the prompt from the LEFT: its end (the question and the assistant header) is what
-    #    conditions the answer. An explicit max_prompt_length is obeyed as given; without one
+    # 1) cut the prompt's user text from the LEFT: its end (the question) is what conditions
+    #    the answer. An explicit max_prompt_length is obeyed as given; without one
     #    the prompt yields room to the answer but keeps at least half the window (a question
     #    cut to nothing would teach nothing), and always leaves >= 1 answer token.
     budget = len(p_ids)
@@ -110,7 +155,11 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
         budget = min(budget, max_prompt_length)
     elif budget + len(a_ids) > max_length:
         budget = min(budget, max(max_length - len(a_ids), max_length // 2), max_length - 1)
-    p_ids = p_ids[len(p_ids) - budget:] if budget > 0 else []
+    if budget < len(p_ids):
+        prompt = _fit_prompt(tokenizer, prompt, budget)
+        p_ids = encode_prompt(tokenizer, prompt)
+        a_ids = _answer_ids(tokenizer, prompt, p_ids, answer)
+        a_ids = a_ids + [tokenizer.eos_token_id] if add_eos else a_ids
     # 2) then the answer from the right.
     a_ids = a_ids[:max_length - len(p_ids)]
     if not a_ids:
@@ -119,6 +168,24 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
     input_ids = p_ids + a_ids
     labels = [IGNORE_INDEX] * len(p_ids) + a_ids
     return input_ids, labels
+
+
+def _fit_prompt(tokenizer, prompt: str, budget: int) -> str:
+    """The longest end of ``prompt`` whose rendered prompt takes at most ``budget`` tokens."""
+    frame = len(encode_prompt(tokenizer, ""))
+    if frame >= budget:
+        raise DataError(f"the prompt template alone takes {frame} tokens, leaving no room for "
+                        f"the question in a {budget}-token prompt (raise max_prompt_length / "
+                        "max_length)")
+    content = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    keep = min(len(content), budget - frame)
+    while keep > 0:  # re-rendering may merge tokens differently: shrink until it fits
+        cut = tokenizer.decode(content[len(content) - keep:])
+        over = len(encode_prompt(tokenizer, cut)) - budget
+        if over <= 0:
+            return cut
+        keep -= over
+    raise DataError(f"prompt {_clip(prompt)!r} does not fit in {budget} tokens")
 
 
 def _clip(s: str, n: int = 60) -> str:

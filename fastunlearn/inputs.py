@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 from .config import DataSection
-from .losses.types import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL
+from .losses.types import KIND_FORGET, KIND_NORMAL
 
 
 def _split_heldout(pairs, n_heldout: int, seed: int, what: str):
@@ -49,9 +49,11 @@ def load_training_data(d: DataSection):
                       heldout_normal=held_n, extra=extra, sources=sources)
 
 
-def tokenize_all(tokenizer, data, d: DataSection) -> list[list]:
-    """Rows of each kind: [forget, mismatch, normal]. Mismatch = forget prompts, normal answers."""
-    from .data import DataError, make_mismatch, tokenize_pairs
+def tokenize_all(tokenizer, data, d: DataSection) -> list:
+    """Rows of each kind: [forget rows, mismatch draws, normal rows]. Mismatch rows pair forget
+    prompts with ``d.mismatch_answers`` normal answers drawn afresh for every batch
+    (``data.MismatchDraws``; the batcher draws them)."""
+    from .data import DataError, MismatchDraws, tokenize_pairs
 
     if not data.forget:
         raise DataError("the forget set is empty")
@@ -59,8 +61,7 @@ def tokenize_all(tokenizer, data, d: DataSection) -> list[list]:
         raise DataError("the normal set is empty")
     kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
     forget = tokenize_pairs(tokenizer, data.forget, KIND_FORGET, **kw)
-    mismatch = tokenize_pairs(tokenizer, make_mismatch(data.forget, data.normal, d.seed),
-                              KIND_MISMATCH, **kw)
+    mismatch = MismatchDraws(tokenizer, data.forget, data.normal, k=d.mismatch_answers, **kw)
     normal = tokenize_pairs(tokenizer, data.normal, KIND_NORMAL, **kw)
     if d.kl_tokens == "all":
         # KL on every non-pad token of normal rows: label the prompt tokens too.

@@ -224,9 +224,20 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 
 @dataclass
 class Head:
+    """The head as the fused loss computes it: ``softcap(logit_scale * (h W^T + b))``."""
+
     weight: torch.Tensor  # (V, H)
     bias: torch.Tensor | None
     softcap: float | None
+    logit_scale: float = 1.0
+
+
+# Config fields that scale a model's logits after its lm_head: (name, applied as).
+# Granite divides by ``logits_scaling``; Cohere multiplies by ``logit_scale``; Falcon-H1 by
+# ``lm_head_multiplier``. A model that transforms its logits in any other way is caught by
+# :func:`check_head` at setup.
+_LOGIT_SCALES = (("logits_scaling", "divide"), ("logit_scale", "multiply"),
+                 ("lm_head_multiplier", "multiply"))
 
 
 def trunk_of(model: nn.Module) -> nn.Module:
@@ -244,7 +255,43 @@ def head_of(model: nn.Module) -> Head:
     if out is None or not hasattr(out, "weight"):
         raise ModelError(f"{type(inner).__name__} has no output embedding (lm_head)")
     softcap = getattr(inner.config, "final_logit_softcapping", None)
-    return Head(out.weight, getattr(out, "bias", None), softcap)
+    return Head(out.weight, getattr(out, "bias", None), softcap, _logit_scale(inner.config))
+
+
+def _logit_scale(config) -> float:
+    scale = 1.0
+    for name, how in _LOGIT_SCALES:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+            scale = scale / value if how == "divide" else scale * value
+    return float(scale)
+
+
+@torch.no_grad()
+def check_head(model: nn.Module, input_ids: list[int], *, rtol: float | None = None) -> None:
+    """ModelError unless ``model(x).logits`` equal the fused loss's logits computed from the
+    trunk's hidden states and :func:`head_of` (scale, bias, soft-cap) on the tokens ``x``.
+    Runs in eval mode; the tolerance is relative to the largest logit."""
+    from .losses.reference import logits_ref
+    from .step import eval_mode
+
+    head = head_of(model)
+    device = head.weight.device
+    x = torch.tensor([input_ids], device=device)
+    with eval_mode(model):
+        hidden = trunk_of(model)(input_ids=x, use_cache=False).last_hidden_state[0]
+        logits = model(input_ids=x, use_cache=False).logits[0].float()
+    fused = logits_ref(hidden.float(), head.weight, head.bias, head.softcap, torch.float32,
+                       head.logit_scale)
+    if rtol is None:
+        rtol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    scale = float(logits.abs().max()) or 1.0
+    err = float((fused - logits).abs().max()) / scale if fused.shape == logits.shape else None
+    if err is None or not err <= rtol:
+        got = "a different shape" if err is None else f"relative difference {err:.2g}"
+        raise ModelError(f"{type(model).__name__}: the model's logits are not softcap(scale * "
+                         f"(h W^T + b)) of its trunk and lm_head ({got}); the fused loss cannot "
+                         "train it")
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path, *, merge_lora: bool = True):

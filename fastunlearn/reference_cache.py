@@ -12,7 +12,7 @@ Storage, per cache file (``refcache-<key16>.pt``, loaded memory-mapped):
     ignored), rows concatenated in row order, positions in increasing order inside a row;
   * ``offsets`` (R + 1,) int64: row r owns ``hidden[offsets[r]:offsets[r + 1]]``;
   * ``head_weight`` (V, H) and optionally ``head_bias`` (V,) in ``storage_dtype``;
-  * ``meta``: key, dtypes, softcap, shapes.
+  * ``meta``: key, dtypes, softcap, logit scale, shapes.
 
 Size: N * H * bytes. E.g. 1000 normal rows with 100 answer tokens at H = 2048 in bf16 is
 0.4 GB, against 2.5 GB for a bf16 copy of Llama-3.2-1B (5 GB in fp32).
@@ -43,7 +43,7 @@ from torch import nn
 
 from .losses.types import IGNORE_INDEX
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _SAMPLES_PER_TENSOR = 4096
 
 
@@ -107,6 +107,7 @@ class CachedHead:
     weight: torch.Tensor  # (V, H)
     bias: torch.Tensor | None  # (V,)
     softcap: float | None
+    logit_scale: float = 1.0
 
 
 class ReferenceCache:
@@ -165,7 +166,8 @@ class ReferenceCache:
         if device not in self._device_head:
             b = None if self.head_bias is None else self.head_bias.to(device)
             self._device_head[device] = CachedHead(self.head_weight.to(device), b,
-                                                   self.meta.get("softcap"))
+                                                   self.meta.get("softcap"),
+                                                   self.meta.get("logit_scale", 1.0))
         return self._device_head[device]
 
     def save(self, path: str | Path) -> Path:
@@ -206,7 +208,7 @@ def build_reference_cache(runner, rows, *, device: torch.device | str,
     """Run the reference trunk once over ``rows`` and keep the valid positions' hidden states.
 
     Args:
-        runner: a ``step.ReferenceRunner`` (its ``hidden(input_ids, mask, autocast)`` and
+        runner: a ``step.ReferenceRunner`` (its ``hidden(inputs, autocast)`` and
             ``head()``), i.e. a frozen copy or a LoRA policy with adapters disabled.
         rows: the normal rows (``input_ids`` / ``labels`` lists), in ``row_index`` order.
         compute_dtype: the training compute dtype (bf16 autocast when not fp32).
@@ -251,6 +253,7 @@ def build_reference_cache(runner, rows, *, device: torch.device | str,
         head.bias.detach().to(compute_dtype).to(storage_dtype).cpu().clone()
     meta = {"version": CACHE_VERSION, "key": key, "compute_dtype": str(compute_dtype),
             "storage_dtype": str(storage_dtype), "softcap": head.softcap,
+            "logit_scale": head.logit_scale,
             "rows": len(rows), "tokens": int(offsets[-1]), "hidden_size": weight.shape[1],
             "vocab": weight.shape[0]}
     return ReferenceCache(torch.cat(per_row), offsets, weight, bias, meta)
@@ -265,7 +268,7 @@ def load_or_build_cache(runner, rows, cache_dir: str | Path | None, *, device, c
     runner's model. ``cache_dir=None`` builds in memory without writing anything.
     """
     storage_dtype = storage_dtype or compute_dtype
-    model = model if model is not None else runner._model()
+    model = model if model is not None else runner.model()
     key = cache_key(model_fingerprint(model), rows_fingerprint(rows), compute_dtype,
                     storage_dtype)
     path = Path(cache_dir) / f"refcache-{key[:16]}.pt" if cache_dir is not None else None

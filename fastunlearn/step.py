@@ -16,6 +16,7 @@ from .batching import Batch
 from .losses import KIND_NORMAL, LossOutput, unlearn_loss
 from .losses.types import IGNORE_INDEX
 from .models import head_of, trunk_of
+from .packing import packed_inputs
 
 
 @dataclass
@@ -36,16 +37,27 @@ def valid_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return flat, shifted[rows, cols], batch.kind[rows]
 
 
-def trunk_inputs(batch: Batch, device: torch.device, rows: slice = slice(None)) -> dict:
-    """Keyword arguments of the trunk for (some rows of) a batch. Packed rows are kept apart by
-    position ids that restart, which transformers turns into a block-causal mask only when no
-    attention mask and no KV cache are given."""
+def trunk_inputs(model: nn.Module, batch: Batch, device: torch.device,
+                 rows: slice = slice(None)) -> dict:
+    """Keyword arguments of ``model``'s trunk for (some rows of) a batch. Packed rows get an
+    explicit block-diagonal causal mask (see packing.py)."""
     ids = batch.input_ids[rows].to(device, non_blocking=True)
     if batch.position_ids is not None:
-        return {"input_ids": ids, "position_ids": batch.position_ids[rows].to(device),
-                "use_cache": False}
+        return packed_inputs(model, ids, batch.position_ids[rows].to(device))
     return {"input_ids": ids, "attention_mask": batch.attention_mask[rows].to(device),
             "use_cache": False}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Every module in eval mode (dropout off) inside, each module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def kind_counts(batch: Batch) -> list[int]:
@@ -75,13 +87,14 @@ class ReferenceRunner:
         if reference is None and not self.adapters_off and cache is None:
             raise ValueError("a reference model is needed unless the policy has LoRA adapters")
 
-    def _model(self):
+    def model(self) -> nn.Module:
+        """The module whose trunk computes the reference (the policy with adapters off)."""
         return self.policy if self.adapters_off else self.reference
 
     def head(self):
         if self.cache is not None:
             return self.cache.head(head_of(self.policy).weight.device)
-        return head_of(self._model())
+        return head_of(self.model())
 
     def cached_hidden(self, row_index: torch.Tensor) -> torch.Tensor:
         """(valid normal positions of these rows, H) from the cache, CPU, storage dtype."""
@@ -89,10 +102,11 @@ class ReferenceRunner:
 
     @torch.no_grad()
     def hidden(self, inputs: dict, autocast) -> torch.Tensor:
-        """Reference trunk outputs for ``inputs`` (keyword arguments from ``trunk_inputs``)."""
+        """Reference trunk outputs for ``inputs`` (keyword arguments from ``trunk_inputs``),
+        in eval mode: dropout would make two reference passes over the same rows differ."""
         ctx = self.policy.disable_adapter() if self.adapters_off else contextlib.nullcontext()
-        with ctx, autocast():
-            out = trunk_of(self._model())(**inputs)
+        with ctx, eval_mode(self.model()), autocast():
+            out = trunk_of(self.model())(**inputs)
         return out.last_hidden_state
 
 
@@ -109,7 +123,7 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
     t = batch.input_ids.shape[1]
 
     with autocast():
-        hidden = trunk_of(policy)(**trunk_inputs(batch, device)).last_hidden_state
+        hidden = trunk_of(policy)(**trunk_inputs(policy, batch, device)).last_hidden_state
     h_dim = hidden.shape[-1]
     hidden = hidden.reshape(-1, h_dim).to(compute_dtype)[flat.to(device)]
 
@@ -130,7 +144,8 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
     elif weights.eps_normal != 0 and normal_rows.numel() and bool(is_normal.any()):
         first, last = int(normal_rows[0]), int(normal_rows[-1]) + 1
         assert last - first == normal_rows.numel(), "normal rows must be contiguous"
-        ref_h = ref.hidden(trunk_inputs(batch, device, slice(first, last)), autocast)
+        ref_h = ref.hidden(trunk_inputs(ref.model(), batch, device, slice(first, last)),
+                           autocast)
         ref_h = ref_h.reshape(-1, h_dim).to(compute_dtype)
         ref_hidden = torch.zeros_like(hidden)
         sel = is_normal.nonzero().squeeze(1)
@@ -143,10 +158,13 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
         else ref_head.weight.to(compute_dtype)
     bias = None if head.bias is None else head.bias.to(compute_dtype)
     ref_bias = None if ref_head.bias is None else ref_head.bias.to(compute_dtype)
+    if (ref_head.logit_scale, ref_head.softcap) != (head.logit_scale, head.softcap):
+        raise ValueError("the reference head's logit scale / soft-cap differ from the policy's")
     return unlearn_loss(hidden, weight, labels.to(device), kinds.to(device), ref_hidden,
                         ref_weight, eps_forget=weights.eps_forget,
                         eps_mismatch=weights.eps_mismatch, eps_normal=weights.eps_normal,
-                        bias=bias, ref_bias=ref_bias, softcap=head.softcap, reduction=reduction,
+                        bias=bias, ref_bias=ref_bias, softcap=head.softcap,
+                        logit_scale=head.logit_scale, reduction=reduction,
                         backend=backend, chunk_rows=chunk_rows, num_rows=_counts(kinds, ref_hidden))
 
 

@@ -23,7 +23,15 @@ from .config import ConfigError, RunConfig, validate
 from .eval.heldout import write_heldout
 from .lean_layers import use_lean_layers
 from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
-from .models import ModelError, frozen_copy, load_model_and_tokenizer, parse_dtype, save_model
+from .models import (
+    ModelError,
+    check_head,
+    frozen_copy,
+    head_of,
+    load_model_and_tokenizer,
+    parse_dtype,
+    save_model,
+)
 from .optim import StochasticRoundingAdamW
 from .step import LossWeights, ReferenceRunner, kind_counts, micro_batch_loss
 
@@ -111,21 +119,23 @@ class Trainer:
 
         rows = tokenize_all(self.tokenizer, self.recipe, cfg.data)
         vocab = self.policy.get_output_embeddings().weight.shape[0]
-        max_id = max(max(r.input_ids) for rs in rows for r in rs)
+        max_id = max(max(r.input_ids) for k in (KIND_FORGET, KIND_NORMAL) for r in rows[k])
         if max_id >= vocab:
             raise ModelError(f"tokenizer produces id {max_id} but the model's vocabulary "
                              f"is {vocab}")
         self.rows_by_kind = rows
-        self.batcher = UnlearnBatcher(rows, cfg.train.batch_size, self.tokenizer.pad_token_id,
-                                      cfg.train.seed, bucket=cfg.train.bucket_by_length,
-                                      pack=cfg.train.packing)
+        # The fused loss computes the logits from the trunk and the head: they must be the
+        # model's own logits (logit scale, bias, soft-cap), else training sees another model.
+        check_head(self.policy, rows[KIND_FORGET][0].input_ids[:16])
 
         ref_dtype = None if cfg.model.reference_dtype == "auto" else \
             parse_dtype(cfg.model.reference_dtype)
         cached = cfg.model.reference == "cached"
         if cfg.model.lora:
             self.policy = self._wrap_lora(self.policy)
-            self.reference = None  # adapters disabled serve as the reference
+            # A named reference is loaded; otherwise the adapters disabled serve as one.
+            self.reference = self._load_reference(ref_dtype) if cfg.model.reference_name \
+                else None
         elif cached and not cfg.model.reference_name:
             self.reference = None  # before step 1 the policy is the reference: no copy needed
         else:
@@ -137,6 +147,11 @@ class Trainer:
             # Freed: training reads the cache only; evaluation keeps a snapshot of a named one.
             self._eval_reference, self.reference = self.reference, None
         self.ref_runner = ReferenceRunner(self.policy, self.reference, cache=self.ref_cache)
+        self.packing_off_reason = None
+        self.packing = cfg.train.packing and self._packing_keeps_rows_apart()
+        self.batcher = UnlearnBatcher(rows, cfg.train.batch_size, self.tokenizer.pad_token_id,
+                                      cfg.train.seed, bucket=cfg.train.bucket_by_length,
+                                      pack=self.packing)
         if cfg.model.lean_layers and not use_lean_layers(self.policy):
             warnings.warn("model.lean_layers=true: no RMSNorm or SwiGLU MLP module found in the "
                           "model, nothing changed", stacklevel=2)
@@ -158,6 +173,24 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_schedule(cfg.train.warmup_steps, cfg.train.steps))
         self.evaluator = self._make_evaluator()
+
+    def _packing_keeps_rows_apart(self) -> bool:
+        """Probe the models that run on packed rows (see packing.py); warn and say False when
+        one of them lets a packed row see another."""
+        from .packing import probe_packing
+
+        rows = self.rows_by_kind
+        tokens = [rows[KIND_FORGET][0].input_ids[:12], rows[KIND_NORMAL][0].input_ids[:9],
+                  rows[KIND_NORMAL][-1].input_ids[:7]]
+        for model in (self.policy, self.reference):
+            why = None if model is None else \
+                probe_packing(model, tokens, self.tokenizer.pad_token_id)
+            if why is not None:
+                self.packing_off_reason = f"{type(model).__name__}: {why}"
+                warnings.warn(f"train.packing=true: packed rows are not kept apart "
+                              f"({self.packing_off_reason}); packing off", stacklevel=3)
+                return False
+        return True
 
     def _route_cpu_linears(self) -> None:
         """fp32 on CPU: the nn.Linear GEMMs of both models through oneDNN when that is faster
@@ -208,6 +241,11 @@ class Trainer:
         if v_ref != v_pol:
             raise ModelError(f"reference model {name} has vocabulary {v_ref}, the policy has "
                              f"{v_pol}: they must match")
+        check_head(ref, self.rows_by_kind[KIND_FORGET][0].input_ids[:16])
+        h_ref, h_pol = head_of(ref), head_of(self.policy)
+        if (h_ref.logit_scale, h_ref.softcap) != (h_pol.logit_scale, h_pol.softcap):
+            raise ModelError(f"reference model {name} scales or caps its logits differently "
+                             "from the policy; the fused loss needs one head form for both")
         return frozen_copy(ref, ref_dtype)
 
     def _wrap_lora(self, model):

@@ -1,5 +1,6 @@
 """Trainer on a tiny random Llama: the loop, accumulation, reference handling."""
 import copy
+import random
 
 import pytest
 import torch
@@ -183,6 +184,7 @@ def test_packed_batch_equals_padded_batch():
                         heldout_forget=FORGET[:1], heldout_normal=NORMAL[:1], extra={},
                         sources=["test"])
     rows = tokenize_all(tok, varied, tiny_cfg().data)
+    rows[1] = rows[1].rows([0, 1, 2], random.Random(0))
     picked = [rows[k][i] for k in range(3) for i in range(3)]
     from fastunlearn.batching import collate_rows, pack_rows
     padded = collate_rows(picked, tok.pad_token_id)

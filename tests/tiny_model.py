@@ -38,3 +38,39 @@ def tiny_llama(vocab_size: int = 128, seed: int = 0, tie: bool = True, hidden: i
                       max_position_embeddings=512, tie_word_embeddings=tie, pad_token_id=1,
                       bos_token_id=2, eos_token_id=5)
     return LlamaForCausalLM(cfg).eval()
+
+
+def _seeded(seed: int, build):
+    torch.manual_seed(seed)
+    return build().eval()
+
+
+def tiny_opt(vocab_size: int = 128, seed: int = 0, attn: str = "sdpa", dropout: float = 0.0):
+    """OPT: learned positions offset by 2, biased head-less layers, optional dropout."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=32,
+                    dropout=dropout, attention_dropout=dropout, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=5, attn_implementation=attn)
+    return _seeded(seed, lambda: OPTForCausalLM(cfg))
+
+
+def tiny_bloom(vocab_size: int = 128, seed: int = 0, attn: str = "eager"):
+    """BLOOM: ALiBi position bias built from a 2-D attention mask."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(vocab_size=vocab_size, hidden_size=32, n_layer=2, n_head=4,
+                      pad_token_id=1, bos_token_id=2, eos_token_id=5, attn_implementation=attn)
+    return _seeded(seed, lambda: BloomForCausalLM(cfg))
+
+
+def tiny_granite(vocab_size: int = 128, seed: int = 0, logits_scaling: float = 8.0):
+    """Granite: logits divided by ``logits_scaling`` after the head."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = GraniteConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, logits_scaling=logits_scaling,
+                        pad_token_id=1, bos_token_id=2, eos_token_id=5)
+    return _seeded(seed, lambda: GraniteForCausalLM(cfg))
