@@ -197,15 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     with sigterm_as_interrupt():
-        # collect / eval own their argument parsing.
-        if argv and argv[0] == "collect":
-            from .collect import collect_main
-            return _guard(lambda: collect_main(argv[1:]), debug)
-        if argv and argv[0] == "eval":
-            from .eval.cli import eval_main
-            return _guard(lambda: eval_main(argv[1:]), debug)
+        if argv and argv[0] in ("collect", "eval"):
+            return _guard(lambda: _delegate(argv[0], argv[1:]), debug)
         parser = build_parser()
         return _guard(lambda: _dispatch(parser, argv), debug)
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    """collect / eval own their argument parsing; imported inside the guard, so a missing
+    extra is one line too."""
+    if command == "collect":
+        from .collect import collect_main
+        return collect_main(argv)
+    from .eval.cli import eval_main
+    return eval_main(argv)
 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:

@@ -68,8 +68,10 @@ def test_core_imports_and_computes_the_loss_with_torch_only():
     assert "chunked" in r.stdout and "available" in r.stdout
 
 
-def test_cli_names_the_missing_extra_in_one_line():
-    r = _lean("run", "--out", "never-written")
+@pytest.mark.parametrize("command", [["run", "--out", "never-written"],
+                                     ["eval", "--model", "never-read"]])
+def test_cli_names_the_missing_extra_in_one_line(command):
+    r = _lean(*command)
     assert r.returncode == 2, r.stderr[-3000:]
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastunlearn: error: ")
