@@ -143,6 +143,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return buf.to(values.device, values.dtype)
 
 
+def all_gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects; ``[obj]`` unsharded)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def global_kind_counts(local_counts) -> list[int]:
     """Valid-token counts per kind (forget, mismatch, normal) over every rank's rows: the loss
     normalisers, so N ranks compute exactly what one process computes on the whole batch."""

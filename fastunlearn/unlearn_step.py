@@ -135,17 +135,32 @@ class UnlearnStep(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.compute_dtype)
 
+    def reference_states(self, trunk: dict) -> torch.Tensor:
+        """(R, T, H) last hidden states of the reference trunk for trunk keyword arguments: the
+        copy, the LoRA policy with adapters off, or (``cached``, before training) the policy.
+        Called from outside ``forward`` (building the cache): under FSDP2 this is a registered
+        forward method, so the root's weights are whole inside it."""
+        return self._reference_trunk(trunk)
+
     @torch.no_grad()
-    def _reference_hidden(self, inputs: StepInputs, device: torch.device) -> torch.Tensor:
+    def _reference_trunk(self, trunk: dict) -> torch.Tensor:
+        # Inside forward this is called directly: the registered wrapper would reshard the
+        # root's weights on return, before the head is read.
+        if self.reference is not None:
+            ctx, model = contextlib.nullcontext(), self.reference
+        elif hasattr(self.policy, "disable_adapter"):
+            ctx, model = self.policy.disable_adapter(), self.policy
+        else:
+            ctx, model = contextlib.nullcontext(), self.policy
+        device = next(iter(trunk.values())).device
+        with ctx, _eval_mode(model), self._autocast(device):
+            return trunk_of(model)(**trunk).last_hidden_state
+
+    def _reference_hidden(self, inputs: StepInputs) -> torch.Tensor:
         """(M, H) reference hidden states of the normal valid positions (a live pass)."""
         first, last = inputs.ref_rows
         rows = {k: v[first:last] if torch.is_tensor(v) else v for k, v in inputs.trunk.items()}
-        if self.mode == "adapters":
-            ctx, model = self.policy.disable_adapter(), self.policy
-        else:
-            ctx, model = contextlib.nullcontext(), self.reference
-        with ctx, self._autocast(device):
-            out = trunk_of(model)(**rows).last_hidden_state
+        out = self._reference_trunk(rows)
         out = out.reshape(-1, out.shape[-1]).to(self.compute_dtype)
         return out[inputs.ref_pos]
 
@@ -158,7 +173,7 @@ class UnlearnStep(nn.Module):
         live_ref = eps_n != 0 and self.mode in ("copy", "adapters")
         if live_ref and inputs.ref_rows[1] == inputs.ref_rows[0]:
             raise ValueError("every micro-batch of every rank needs a normal row")
-        ref_h = self._reference_hidden(inputs, device) if live_ref else None
+        ref_h = self._reference_hidden(inputs) if live_ref else None
         with self._autocast(device):
             hidden = trunk_of(self.policy)(**inputs.trunk).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).to(self.compute_dtype)[inputs.flat]
@@ -216,6 +231,18 @@ def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, flo
             "normal_kl": sums[3] / max(counts[2], 1), "counts": counts}
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Dropout off inside (a reference pass is deterministic); each module's mode restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 # ------------------------------------------------------------------------------ sharding
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder layers of a (peft-wrapped) causal LM: one FSDP unit each."""
@@ -240,7 +267,7 @@ def shard(step: UnlearnStep, mesh=None, mp_policy=None, reshard_after_forward: b
     Gradients are summed over ranks (divide factor 1, plain SUM collectives): the loss is
     already normalised by the global token counts, so averaging would divide twice.
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
@@ -250,6 +277,7 @@ def shard(step: UnlearnStep, mesh=None, mp_policy=None, reshard_after_forward: b
         for layer in decoder_layers(model):
             fully_shard(layer, **kw)
     fully_shard(step, **kw)
+    register_fsdp_forward_method(step, "reference_states")  # builds the cached reference
     for m in step.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -321,3 +349,58 @@ def materialize_from_rank0(step: UnlearnStep, source: nn.Module | None,
                 buf.copy_(src[name])
             if is_distributed():
                 dist.broadcast(buf, src=0)
+
+
+# ------------------------------------------------------------------- cached reference
+class StepReferenceRunner:
+    """What ``reference_cache.build_reference_cache`` needs (``hidden`` and ``head``), served by
+    a (sharded) ``UnlearnStep``: the trunk runs inside the root's registered forward method,
+    and the head is gathered once into a full, frozen copy."""
+
+    def __init__(self, step: UnlearnStep):
+        self.step = step
+
+    def hidden(self, inputs: dict, autocast=None) -> torch.Tensor:
+        return self.step.reference_states(inputs)
+
+    def head(self):
+        from torch.distributed.tensor import DTensor
+
+        model = self.step.reference if self.step.reference is not None else self.step.policy
+        head = head_of(model)
+
+        def full(t):  # a frozen copy needs no gradient: gathering it outside a forward is fine
+            if t is None:
+                return None
+            return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        return type(head)(**{**vars(head), "weight": full(head.weight), "bias": full(head.bias)})
+
+
+def build_cache_sharded(step: UnlearnStep, rows, *, device: torch.device,
+                        compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None,
+                        pad_id: int = 0, batch_rows: int = 16):
+    """The reference cache of ``rows`` (all normal rows), each rank computing its own share.
+
+    Every rank runs the same number of reference forwards (the shorter shares repeat their last
+    row, dropped afterwards), then the shares are exchanged, so every rank ends with the whole
+    cache, identical to one built by one process.
+    """
+    import math
+
+    from .distributed import all_gather_objects, share, world_size
+    from .reference_cache import ReferenceCache, build_reference_cache
+
+    if len(rows) < world_size():
+        raise ValueError(f"{len(rows)} normal rows cannot be split over {world_size()} processes")
+    mine = rows[share(len(rows))]
+    padded = mine + [mine[-1]] * (math.ceil(len(rows) / world_size()) - len(mine))
+    part = build_reference_cache(StepReferenceRunner(step), padded, device=device,
+                                 compute_dtype=compute_dtype, storage_dtype=storage_dtype,
+                                 pad_id=pad_id, batch_rows=batch_rows)
+    lengths = part.offsets[1:len(mine) + 1] - part.offsets[:len(mine)]
+    pieces = all_gather_objects((part.hidden[:int(part.offsets[len(mine)])], lengths))
+    hidden = torch.cat([h for h, _ in pieces])
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+    offsets[1:] = torch.cat([n for _, n in pieces]).cumsum(0)
+    meta = {**part.meta, "rows": len(rows), "tokens": int(offsets[-1])}
+    return ReferenceCache(hidden, offsets, part.head_weight, part.head_bias, meta)

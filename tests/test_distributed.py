@@ -474,3 +474,28 @@ def test_stochastic_rounding_adamw_updates_sharded_parameters():
         bf16 = run_ranks(_sr_adamw_steps, torch.bfloat16, impl)[0]
         assert max(float((bf16[k].float() - start[k].float()).abs().max()) for k in start) > 0
         assert_close_weights(want, bf16, tol=2e-2)
+
+
+# ------------------------------------------------------------------ cached reference
+def _sharded_cache():
+    from fastunlearn.unlearn_step import build_cache_sharded
+
+    policy = tiny_llama(tie=False, seed=0)
+    step = UnlearnStep(policy, mode="cached", ref_head=torch.zeros(1, 1), backend="reference")
+    shard(step)
+    cache = build_cache_sharded(step, make_rows(n=5)[2], device=torch.device("cpu"),
+                                compute_dtype=torch.float32, pad_id=1, batch_rows=2)
+    return cache.hidden, cache.offsets, cache.head_weight
+
+
+def test_cache_built_by_two_ranks_equals_one_process():
+    from fastunlearn.reference_cache import load_or_build_cache
+    from fastunlearn.step import ReferenceRunner
+
+    policy = tiny_llama(tie=False, seed=0)
+    want = load_or_build_cache(ReferenceRunner(policy, frozen_copy(policy)), make_rows(n=5)[2],
+                               None, device="cpu", compute_dtype=torch.float32, pad_id=1)
+    for hidden, offsets, head in run_ranks(_sharded_cache):
+        assert torch.equal(offsets, want.offsets)
+        assert torch.allclose(hidden, want.hidden, atol=1e-5, rtol=0)
+        assert torch.equal(head, want.head_weight)
