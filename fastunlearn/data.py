@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .data_files import DataError, Pair, _field, load_pairs, read_records, read_text  # noqa: F401
+from .data_files import (  # noqa: F401  (re-exported)
+    DataError,
+    Pair,
+    _field,
+    clip_to_tokens,
+    load_pairs,
+    read_records,
+    read_text,
+)
 from .generation import answer_text, encode_prompt, ensure_pad_token
 from .losses.types import IGNORE_INDEX, KIND_FORGET, KIND_MISMATCH, KIND_NORMAL
 from .recipes import RecipeData, load_recipe, recipe_names
