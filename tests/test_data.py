@@ -9,7 +9,6 @@ from fastunlearn.data import (
     collate,
     ensure_pad_token,
     format_example,
-    make_mismatch,
     tokenize_pairs,
 )
 from fastunlearn.generation import format_prompt
@@ -51,11 +50,44 @@ def test_truncation_cuts_prompt_from_left_and_keeps_answer(chat):
     assert len(ids) == 64
     kept = [x for x in labels if x != IGNORE]
     assert tok.decode(kept).strip() == answer + tok.eos_token  # whole answer survives
-    # the prompt's END (question + assistant header) survives, its start is cut
-    full_prompt = format_prompt(tok, prompt)
+    # the user text's END (the question) survives, its start is cut; the format is whole
     n_prompt = len(ids) - len(kept)
-    assert full_prompt.endswith(tok.decode(ids[:n_prompt]))
-    assert n_prompt < len(full_prompt)
+    rendered = tok.decode(ids[:n_prompt])
+    cut = next(prompt[i:] for i in range(len(prompt)) if format_prompt(tok, prompt[i:]) == rendered)
+    assert cut.endswith(" the real question?") and len(cut) < len(prompt)
+
+
+SYSTEM_TEMPLATE = (
+    "<|im_start|>system\nYou are a careful assistant.<|im_end|>\n"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("limit", [dict(max_length=96), dict(max_length=160, max_prompt_length=70)])
+def test_truncation_keeps_the_chat_template_intact(limit):
+    """A long question is cut inside the user's text; the system prompt, the turn markers and
+    the assistant header stay whole (cutting the rendered text started rows mid-system-prompt)."""
+    tok = tiny_tokenizer()
+    tok.chat_template = SYSTEM_TEMPLATE
+    prompt = "background " * 30 + "so what is the answer?"
+    ids, labels = format_example(tok, prompt, "forty-two", **limit)
+    n_prompt = sum(1 for x in labels if x == IGNORE)
+    rendered = tok.decode(ids[:n_prompt])
+    head = "<|im_start|>system\nYou are a careful assistant.<|im_end|>\n<|im_start|>user\n"
+    tail = "<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered.startswith(head) and rendered.endswith(tail)
+    user_text = rendered[len(head):-len(tail)]
+    assert prompt.endswith(user_text) and 0 < len(user_text) < len(prompt)
+    assert rendered == format_prompt(tok, user_text)
+    assert tok.decode(ids[n_prompt:]) == "forty-two" + tok.eos_token
+    assert n_prompt <= limit.get("max_prompt_length", 96)
+
+
+def test_truncation_refuses_a_template_longer_than_the_prompt_budget():
+    tok = tiny_tokenizer()
+    tok.chat_template = SYSTEM_TEMPLATE
+    with pytest.raises(DataError, match="template alone takes"):
+        format_example(tok, "q" * 100, "a", max_length=128, max_prompt_length=30)
 
 
 def test_truncation_long_answer_cut_from_right():
@@ -139,21 +171,3 @@ def test_collate_right_padding():
         assert b[k].dtype == torch.long
     with pytest.raises(DataError):
         collate([], pad_id=1)
-
-
-# --------------------------------------------------------------------------- mismatch
-
-def test_make_mismatch_seeded_from_normal_answers():
-    forget = [Pair(f"harm {i}", f"bad {i}") for i in range(50)]
-    normal = [Pair(f"q {i}", f"good {i}") for i in range(7)]
-    m1 = make_mismatch(forget, normal, seed=0)
-    assert make_mismatch(forget, normal, seed=0) == m1
-    assert make_mismatch(forget, normal, seed=1) != m1
-    assert [p.prompt for p in m1] == [p.prompt for p in forget]
-    answers = {p.answer for p in normal}
-    assert all(p.answer in answers for p in m1)
-    assert len({p.answer for p in m1}) > 1  # drawn at random, not one constant answer
-    cut = make_mismatch(forget, [Pair("q", "window", complete=False)], seed=0)
-    assert not any(p.complete for p in cut)
-    with pytest.raises(DataError, match="normal set is empty"):
-        make_mismatch(forget, [], seed=0)
