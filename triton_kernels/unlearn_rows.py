@@ -114,8 +114,10 @@ def _unlearn_rows_fwd_kernel(
     a_ptr, b_ptr,               # (C,) fp32 coefficients of (p - onehot) and (p - q)
     bias_ptr, ref_bias_ptr,     # (V,) optional biases
     nll_ptr, kl_ptr, ref_nll_ptr,  # (C,) fp32 outputs
+    target_ptr,                 # (C,) fp32 raw target logits <h, W_y>, read when HAS_TARGET
     V, softcap,
-    HAS_REF: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+    HAS_TARGET: tl.constexpr, HAS_REF: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -124,7 +126,10 @@ def _unlearn_rows_fwd_kernel(
     cols0 = tl.arange(0, BLOCK_V)
 
     # 1. target logit, fp32 (bias and cap applied exactly as for the tile)
-    z_y = tl.load(z_row + y).to(tl.float32)
+    if HAS_TARGET:  # computed in fp32 by the caller (a bf16 logit is rounded to 2^-9)
+        z_y = tl.load(target_ptr + row)
+    else:
+        z_y = tl.load(z_row + y).to(tl.float32)
     if HAS_BIAS:
         z_y += tl.load(bias_ptr + y).to(tl.float32)
     if SOFTCAP:
@@ -164,7 +169,8 @@ def _unlearn_rows_fwd_kernel(
                 er = tl.exp(zrm - mr_ref)  # 0 on masked lanes and where zr = -inf
                 s_r = s_r * alpha + _rsum(er)
                 # q_v = 0 adds nothing, even where z_v = -inf too (0 * inf would be NaN)
-                t_r = t_r * alpha + _rsum(tl.where(er > 0.0, er * (zr - z), 0.0))
+                q_on = er > 0.0
+                t_r = t_r * alpha + _rsum(er * (tl.where(q_on, zr, 0.0) - tl.where(q_on, z, 0.0)))
                 m_r = mr_new
     m = _finite_or_zero(m)
     lse = m + tl.log(s)
@@ -231,6 +237,7 @@ def unlearn_rows_fwd(
     ref_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     write_grad: bool = True,
+    target: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
 ):
@@ -246,6 +253,8 @@ def unlearn_rows_fwd(
         coef_nll, coef_kl: (C,) fp32 coefficients a, b of the gradient a (p - onehot(y)) +
             b (p - q) (see the module docstring). Required when ``write_grad``.
         bias, ref_bias: (V,) optional; softcap: optional cap c > 0.
+        target: (C,) fp32 raw target logits <h_r, W_y> (before bias and cap), or None to read
+            them from ``logits``.
 
     Returns:
         (nll, kl, ref_nll): (C,) fp32 each; nll = lse - z_y; kl = KL(q || p) (0 without a
@@ -285,8 +294,9 @@ def unlearn_rows_fwd(
         coef_nll if coef_nll is not None else dummy,
         coef_kl if coef_kl is not None else dummy,
         bias if bias is not None else dummy, ref_bias if ref_bias is not None else dummy,
-        nll, kl, ref_nll, vocab, float(softcap or 1.0),
-        HAS_REF=has_ref, HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+        nll, kl, ref_nll, target if target is not None else dummy, vocab, float(softcap or 1.0),
+        HAS_TARGET=target is not None, HAS_REF=has_ref, HAS_BIAS=bias is not None,
+        HAS_REF_BIAS=ref_bias is not None,
         SOFTCAP=softcap is not None, WRITE_GRAD=write_grad, BLOCK_V=bv, num_warps=num_warps,
     )
     return nll, kl, ref_nll

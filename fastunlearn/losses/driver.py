@@ -236,6 +236,15 @@ def _softmax_parts(x):
     return m.squeeze(1), e, e.sum(dim=1)
 
 
+def target_logits(hc, w, y, bias, softcap, dtype=torch.float32):
+    """softcap(<h_r, W_y> + b_y) in fp32 from the hidden rows: the stored logit would carry the
+    GEMM dtype's rounding (2^-9 relative in bf16) straight into the NLL."""
+    x = (hc.to(dtype) * w.index_select(0, y).to(dtype)).sum(1)
+    if bias is not None:
+        x += bias.index_select(0, y)
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
 def torch_row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, softcap):
     """The row pass in PyTorch (the chunked backend; the specification of the kernels).
 
@@ -252,7 +261,8 @@ def torch_row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, softc
     if ref_start > 0:
         ar = torch.arange(ref_start, device=z.device)
         y = labels[:ref_start]
-        vals[:ref_start] = lse[:ref_start] - x[ar, y]
+        x_y = target_logits(hc[:ref_start], w, y, bias, softcap, dtype)
+        vals[:ref_start] = lse[:ref_start] - x_y
         p[ar, y] -= 1.0
     if ref_start < rows:
         xr, _ = _logits(zr, ref_bias, softcap, dtype)

@@ -48,6 +48,19 @@ def logits_ref(hidden, weight, bias=None, softcap=None, compute_dtype=None, logi
     return z
 
 
+def _graph_zero(t):
+    """0, connected to ``t``'s graph (so a loss with an absent kind still has a grad_fn); -inf
+    entries (masked logits) must not turn it into NaN."""
+    return t.masked_fill(~torch.isfinite(t), 0).sum() * 0
+
+
+def _kl_rows(log_q, log_p):
+    """KL(q || p) per row; entries with q = 0 (masked logits, -inf) add 0, not 0 * inf."""
+    q = log_q.exp()
+    return torch.where(q > 0, q * (log_q - log_p), torch.zeros((), dtype=q.dtype,
+                                                                device=q.device)).sum(-1)
+
+
 def unlearn_loss_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -108,7 +121,7 @@ def unlearn_loss_ref(
     m_mismatch = valid & (kind == KIND_MISMATCH)
     m_normal = valid & (kind == KIND_NORMAL)
 
-    zero = z.sum() * 0  # keeps the graph connected when a kind is absent
+    zero = _graph_zero(z)
     forget_sum = torch.where(m_forget, nll, zero).sum()
     mismatch_sum = torch.where(m_mismatch, nll, zero).sum()
 
@@ -119,7 +132,7 @@ def unlearn_loss_ref(
                             None if ref_bias is None else ref_bias.detach(), softcap, dt,
                             logit_scale)
             logp_ref = F.log_softmax(zr, dim=-1)
-        kl_row = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+        kl_row = _kl_rows(logp_ref, logp)
         normal_sum = torch.where(m_normal, kl_row, zero).sum()
     else:
         m_normal = torch.zeros_like(m_normal)
@@ -162,7 +175,7 @@ def token_stats_ref(
     valid = labels != ignore_index
     safe = labels.masked_fill(~valid, 0)
     logp_all = F.log_softmax(logits_ref(hidden, weight, bias, softcap, dt), dim=-1)
-    zero = logp_all.sum() * 0
+    zero = _graph_zero(logp_all)
     logp = torch.where(valid, logp_all.gather(1, safe[:, None]).squeeze(1), zero)
     if ref_hidden is None:
         return logp, torch.zeros_like(logp).detach(), torch.where(valid, zero, zero).expand_as(logp)
@@ -173,6 +186,6 @@ def token_stats_ref(
                        softcap, dt), dim=-1)
         logp_ref = torch.where(valid, logp_ref_all.gather(1, safe[:, None]).squeeze(1),
                                torch.zeros((), dtype=dt, device=hidden.device))
-    kl = (logp_ref_all.exp() * (logp_ref_all - logp_all)).sum(-1)
+    kl = _kl_rows(logp_ref_all, logp_all)
     kl = torch.where(valid, kl, zero)
     return logp, logp_ref, kl

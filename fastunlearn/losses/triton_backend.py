@@ -87,10 +87,11 @@ def triton_row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, soft
     zero = torch.zeros((), device=z.device, dtype=torch.float32)
     ref_index = torch.where(is_nll, -1, ar - ref_start).to(torch.int32) if zr is not None \
         else None
+    target = (hc.float() * w.index_select(0, labels).float()).sum(1)  # fp32 target logits
     nll, kl, _ = _kernels().unlearn_rows_fwd(
         z, labels, zr, ref_index, torch.where(is_nll, scale, zero),
         torch.where(is_nll, zero, scale), bias=bias, ref_bias=ref_bias, softcap=softcap,
-        block_v=_block_v_from_env())
+        target=target, block_v=_block_v_from_env())
     return torch.where(is_nll, nll, kl)
 
 
