@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 __all__ = [
     "CHARS_PER_TOKEN_BOUND", "ChatPrompt", "DataError", "FORMATS", "Pair", "clip_to_tokens",
-    "load_pairs", "pair_record", "read_records", "read_text", "record_pair",
+    "load_pairs", "pair_record", "read_records", "read_text", "record_pair", "with_user_text",
 ]
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")  # files; plus datasets folders and hub ids
@@ -89,6 +89,13 @@ class ChatPrompt(str):
 
     def __reduce__(self):
         return (ChatPrompt, (self.turns,))
+
+
+def with_user_text(prompt: str, text: str) -> str:
+    """``prompt`` with the text of its last user turn replaced by ``text`` (for truncation):
+    ``text`` itself for a plain prompt, the same conversation for a :class:`ChatPrompt`."""
+    turns = getattr(prompt, "turns", None)
+    return ChatPrompt(turns[:-1] + (("user", text),)) if turns else text
 
 
 def _one_line(e: BaseException | str) -> str:

@@ -17,6 +17,7 @@ from fastunlearn.data_files import (
     pair_record,
     read_records,
     record_pair,
+    with_user_text,
 )
 
 ROWS = [{"prompt": "p1", "answer": "a1"}, {"prompt": "p2", "answer": "a2"}]
@@ -227,6 +228,14 @@ def test_chat_prompt_is_rendered_with_its_history():
         .startswith("6")
     with pytest.raises(ValueError, match="multi-turn chat prompt needs a tokenizer with a chat"):
         format_prompt(tiny_tokenizer(chat_template=False), ChatPrompt(turns))
+
+
+def test_with_user_text_keeps_the_conversation():
+    chat = ChatPrompt((("system", "s"), ("user", "u1"), ("assistant", "a1"), ("user", "long")))
+    cut = with_user_text(chat, "lo")
+    assert isinstance(cut, ChatPrompt) and str(cut) == "lo"
+    assert cut.turns == chat.turns[:-1] + (("user", "lo"),)
+    assert with_user_text("plain prompt", "pt") == "pt"
 
 
 def test_pair_record_round_trip_keeps_chat_history(tmp_path):
