@@ -231,6 +231,25 @@ def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, flo
             "normal_kl": sums[3] / max(counts[2], 1), "counts": counts}
 
 
+@torch.no_grad()
+def likelihood_metrics(step: UnlearnStep, micro: list[StepInputs]) -> dict:
+    """Forget NLL, mismatch NLL and normal KL, each the mean over its kind's valid tokens of
+    all ranks, through the same (sharded) forward as training, dropout off: the likelihood
+    metrics of a run evaluated while the model is sharded."""
+    from .distributed import all_reduce_sum, global_kind_counts
+
+    counts = global_kind_counts([sum(c) for c in zip(*(m.counts for m in micro))])
+    sums = torch.zeros(3, dtype=torch.float64)
+    with _eval_mode(step):
+        for inputs in micro:
+            out = step(inputs, (1.0, 1.0, 1.0))
+            sums += torch.stack([t.double().cpu() for t in
+                                 (out.forget_nll, out.mismatch_nll, out.normal_kl)])
+    sums = all_reduce_sum(sums).tolist()
+    return {"forget_nll": sums[0] / max(counts[0], 1), "mismatch_nll": sums[1] / max(counts[1], 1),
+            "normal_kl": sums[2] / max(counts[2], 1), "counts": counts}
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Dropout off inside (a reference pass is deterministic); each module's mode restored."""

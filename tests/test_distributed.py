@@ -499,3 +499,25 @@ def test_cache_built_by_two_ranks_equals_one_process():
         assert torch.equal(offsets, want.offsets)
         assert torch.allclose(hidden, want.hidden, atol=1e-5, rtol=0)
         assert torch.equal(head, want.head_weight)
+
+
+# ------------------------------------------------------------------ likelihood metrics
+def _likelihood(train_steps: int) -> dict:
+    from fastunlearn.unlearn_step import likelihood_metrics
+
+    run = Run({"backend": "reference", "tie": False})
+    for _ in range(train_steps):  # KL is 0 before the policy moves
+        run.train_step()
+    data = fdist.RankBatcher(UnlearnBatcher(make_rows(), 6, pad_id=1, seed=9, bucket=False))
+    micro = [prepare(data.next(), torch.device("cpu"), run.step_module.policy)]
+    return likelihood_metrics(run.step_module, micro)
+
+
+def test_likelihood_metrics_two_ranks_equal_one_process():
+    one = _likelihood(2)
+    two = run_ranks(_likelihood, 2)
+    assert one["normal_kl"] > 1e-6
+    for got in two:
+        assert got["counts"] == one["counts"]
+        for k in ("forget_nll", "mismatch_nll", "normal_kl"):
+            assert got[k] == pytest.approx(one[k], rel=1e-4, abs=1e-7), k
