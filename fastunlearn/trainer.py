@@ -132,6 +132,9 @@ class Trainer:
             parse_dtype(cfg.model.reference_dtype)
         cached = cfg.model.reference == "cached"
         if cfg.model.lora:
+            if cfg.model.reference_name and cfg.model.reference == "adapters":
+                raise ConfigError("model.reference=adapters is the policy with its adapters off, "
+                                  "not model.reference_name: use reference=auto or cached")
             self.policy = self._wrap_lora(self.policy)
             # A named reference is loaded; otherwise the adapters disabled serve as one.
             self.reference = self._load_reference(ref_dtype) if cfg.model.reference_name \

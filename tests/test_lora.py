@@ -1,13 +1,17 @@
-"""LoRA (peft) policy: the reference is the same model with adapters disabled."""
+"""LoRA (peft) policy: the reference is the same model with adapters disabled, or a named one."""
 import contextlib
 import copy
 
 import pytest
 import torch
 
+from fastunlearn.config import ConfigError
 from fastunlearn.models import head_of, save_model, trunk_of
-from tests.test_trainer import make_trainer, tiny_cfg
-from tests.tiny_model import tiny_llama
+from fastunlearn.reference_cache import build_reference_cache
+from fastunlearn.step import ReferenceRunner
+from fastunlearn.trainer import Trainer
+from tests.test_trainer import make_trainer, tiny_cfg, tiny_recipe
+from tests.tiny_model import tiny_llama, tiny_opt, tiny_tokenizer
 
 pytest.importorskip("peft")
 
@@ -123,3 +127,49 @@ def test_lora_cached_reference_matches_adapters(tmp_path):
     for a, b in zip(runs["adapters"], runs["cached"]):
         for k in ("loss", "normal_kl"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (k, a[k], b[k])
+
+
+def test_named_reference_is_used_with_lora(tmp_path):
+    """model.reference_name with LoRA loads that model as the reference (the adapters-off
+    policy was used instead: the KL at step 1 was 0)."""
+    other = tiny_llama(128, seed=7)
+    save_model(other, tiny_tokenizer(), tmp_path / "ref")
+    for mode in ("auto", "cached"):
+        trainer, original = lora_trainer(reference_name=str(tmp_path / "ref"), reference=mode,
+                                         reference_cache_dir=str(tmp_path / "cache"))
+        if mode == "auto":
+            assert not trainer.ref_runner.adapters_off
+            assert torch.equal(head_of(trainer.reference).weight, other.lm_head.weight)
+        else:
+            assert trainer.ref_runner.cache is not None
+        first = trainer.train_step()
+        assert first["normal_kl"] > 1e-3, (mode, first)  # the named model differs from the policy
+
+
+def test_named_reference_with_adapters_mode_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="reference=adapters"):
+        lora_trainer(reference_name=str(tmp_path), reference="adapters")
+
+
+def test_reference_passes_run_in_eval_mode():
+    """OPT has dropout 0.1: the adapters-off reference of a training policy must not apply it
+    (two reference passes over the same rows differed), and the cached build neither."""
+    cfg = tiny_cfg(steps=2, lr=1e-2)
+    cfg.model.lora, cfg.model.lora_r, cfg.model.lora_alpha = True, 4, 8
+    trainer = Trainer(cfg, model=tiny_opt(seed=4, dropout=0.1), tokenizer=tiny_tokenizer(),
+                      recipe=tiny_recipe(), progress=False)
+    trainer.setup()
+    assert trainer.policy.training and trainer.ref_runner.adapters_off
+    inputs = {"input_ids": IDS, "attention_mask": MASK}
+    first = trainer.ref_runner.hidden(inputs, contextlib.nullcontext)
+    torch.testing.assert_close(trainer.ref_runner.hidden(inputs, contextlib.nullcontext), first,
+                               rtol=0, atol=0)
+    assert trainer.policy.training  # mode restored for training
+    with torch.no_grad():  # and train mode does apply dropout, so the check above can fail
+        a = trunk_of(trainer.policy)(**inputs).last_hidden_state
+        b = trunk_of(trainer.policy)(**inputs).last_hidden_state
+    assert (a - b).abs().max() > 1e-3
+    rows = trainer.rows_by_kind[2][:4]
+    caches = [build_reference_cache(ReferenceRunner(trainer.policy, None), rows, device="cpu",
+                                    compute_dtype=torch.float32, pad_id=1) for _ in range(2)]
+    torch.testing.assert_close(caches[0].hidden, caches[1].hidden, rtol=0, atol=0)
