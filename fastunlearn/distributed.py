@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import sys
 from contextlib import contextmanager
 
@@ -200,26 +201,39 @@ class RankBatcher:
         check_rows_per_rank(min(s.batch_size for s in batcher.samplers), self.world)
 
     def next(self):
+        """Mirrors ``UnlearnBatcher.next`` (rows of a list, or rows drawn afresh per batch from
+        a generator seeded by the seed, kind and batch number), keeping this rank's picks."""
         from .batching import collate_rows, pack_rows
 
         b = self.batcher
-        picks = []
+        rows, index = [], []
         for k, sampler in enumerate(b.samplers):
-            group = sampler.next()
-            picks += [(k, i) for i in group[share(len(group), self.rank, self.world)]]
-        rows = [b.rows_by_kind[k][i] for k, i in picks]
+            picked = sampler.next()
+            mine = share(len(picked), self.rank, self.world)
+            source = b.rows_by_kind[k]
+            if isinstance(source, list):
+                rows += [source[i] for i in picked[mine]]
+                index += picked[mine]
+            else:  # every rank draws the whole group (same generator), keeps its picks' rows
+                drawn = source.rows(picked, random.Random(f"{b.seed}:{k}:{b.draws}"))
+                per = len(drawn) // len(picked)
+                rows += drawn[mine.start * per:mine.stop * per]
+                index += [i for i in picked[mine] for _ in range(per)]
+        b.draws += 1
         collate = pack_rows if b.pack else collate_rows
-        return collate(rows, b.pad_id, [i for _, i in picks])
+        return collate(rows, b.pad_id, index)
 
     # The position of the global stream: the same on every rank.
     def state_dict(self) -> dict:
-        return {"samplers": [{"rng": _jsonable(s.rng.getstate()), "queue": s.queue}
+        return {"draws": self.batcher.draws,
+                "samplers": [{"rng": _jsonable(s.rng.getstate()), "queue": s.queue}
                              for s in self.batcher.samplers]}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["samplers"]
         if len(saved) != len(self.batcher.samplers):
             raise DistributedError("checkpoint sampler state does not match this data")
+        self.batcher.draws = state["draws"]
         for s, st in zip(self.batcher.samplers, saved):
             s.rng.setstate(_tupled(st["rng"]))
             s.queue = [list(g) for g in st["queue"]]

@@ -329,6 +329,36 @@ def test_rank_shares_cover_the_global_batch_exactly():
         [slice(0, 3), slice(3, 6), slice(6, 8), slice(8, 10)]
 
 
+class DrawnRows:
+    """Rows made afresh per batch (like data.MismatchDraws): two rows per pick."""
+
+    def __init__(self, n: int):
+        self.lengths = [5 + i % 4 for i in range(n)]
+
+    def rows(self, picked, rng):
+        out = []
+        for i in picked:
+            for _ in range(2):
+                ids = [rng.randint(6, 127) for _ in range(self.lengths[i])]
+                out.append(Row(ids, [-100] + ids[1:], 1))
+        return out
+
+
+def test_rank_shares_of_drawn_rows_cover_the_global_batch():
+    rows = make_rows(n=7)
+    rows[1] = DrawnRows(7)
+    whole = UnlearnBatcher(rows, 5, pad_id=1, seed=3)
+    parts = [fdist.RankBatcher(UnlearnBatcher(rows, 5, pad_id=1, seed=3), r, 2) for r in (0, 1)]
+    for _ in range(3):
+        batch = whole.next()
+        shares = [p.next() for p in parts]
+        want = batch.input_ids[batch.kind == 1]
+        got = [s.input_ids[s.kind == 1] for s in shares]
+        t = want.shape[1]
+        got = torch.cat([torch.nn.functional.pad(g, (0, t - g.shape[1]), value=1) for g in got])
+        assert torch.equal(got, want)
+
+
 def test_rank_batcher_state_round_trip():
     rows = make_rows()
     a = fdist.RankBatcher(UnlearnBatcher(rows, 2, pad_id=1, seed=0))
