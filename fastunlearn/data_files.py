@@ -199,6 +199,9 @@ def _csv_records(p: Path, text: str) -> list[tuple[str, Any]]:
     """CSV rows as dicts, refusing what would silently misread: a repeated header name, a row
     with the wrong number of fields, unbalanced quotes, and quoted line breaks whose lines look
     like rows of the file (a stray quote that merged rows)."""
+    # Long texts are legitimate (rows are clipped to the token budget later): lift the csv
+    # module's 128 KiB field limit.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     start = 1  # first physical line of the record being read
     try:

@@ -132,6 +132,12 @@ def test_csv_multiline_answers_are_kept(tmp_path):
                                                              for r in rows]
 
 
+def test_csv_long_field(tmp_path):
+    long = "word " * 100_000  # over the csv module's default 128 KiB field limit
+    p = _write(tmp_path / "long.csv", f'prompt,answer\nq,"{long}"\n')
+    assert load_pairs(p) == [Pair("q", long)]
+
+
 def test_csv_duplicate_header_is_refused(tmp_path):
     p = _write(tmp_path / "dup.csv", "prompt,answer,answer\nq,good,bad\n")
     with pytest.raises(DataError, match="dup.csv: line 1: column 'answer' appears twice"):
