@@ -169,7 +169,9 @@ def _located_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
                 raise DataError(f"{p}: expected a JSON list of records")
             return [(f"record {i}", rec) for i, rec in enumerate(data, 1)]
     records = []
-    for i, line in enumerate(text.splitlines(), 1):
+    # Split at "\n" only: str.splitlines() also splits at U+2028 and other separators that
+    # JSON strings may hold as they are.
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

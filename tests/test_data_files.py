@@ -54,6 +54,13 @@ def test_text_formats(tmp_path):
     assert load_pairs(q, prompt_col="q", answer_col="a") == [Pair("p", "x")]
 
 
+def test_jsonl_lines_split_at_newlines_only(tmp_path):
+    rows = [{"prompt": "p\u2028q\x1c", "answer": "a\u2029"}, {"prompt": "p2", "answer": "a2"}]
+    p = tmp_path / "sep.jsonl"
+    p.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    assert load_pairs(p) == [Pair(r["prompt"], r["answer"]) for r in rows]
+
+
 def test_complete_column(tmp_path):
     jl = _write(tmp_path / "c.jsonl", json.dumps({"prompt": "p", "answer": "a", "complete": False})
                 + "\n" + json.dumps({"prompt": "q", "answer": "b"}))
