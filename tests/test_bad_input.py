@@ -97,8 +97,8 @@ BAD_VALUES = [
     ("data.n_normal=-3", "data.n_normal"), ("train.threads=-1", "train.threads"),
     ("train.weight_decay=-1", "train.weight_decay"), ("eval.batch_size=0", "eval.batch_size"),
     ("model.lora_r=0", "model.lora_r"), ("model.lora_dropout=1", "model.lora_dropout"),
-    ("train.check_finite_every=-1", "check_finite_every"),
-    ("train.max_normal_kl=0", "max_normal_kl"), ("model.dtype=fp8", "model.dtype"),
+    ("train.check_finite_every=-1", "check_finite_every must be"),
+    ("train.max_normal_kl=0", "max_normal_kl must be"), ("model.dtype=fp8", "model.dtype"),
     ("train.stepss=3", "did you mean"), ("train.batch_size=two", "expects an integer"),
 ]
 
