@@ -256,21 +256,72 @@ def full_state_dict(model: nn.Module) -> dict | None:
     return sd if is_main() else None
 
 
-def save_hf(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
-    """A Hugging Face directory of the (possibly sharded) model, written by rank 0.
+# Above this many bytes of weights the final model is written by every rank and consolidated
+# into safetensors files, instead of gathered on rank 0's host (about a 13B model in bf16).
+GATHER_LIMIT_BYTES = 26 * 2**30
+FILE_BYTES = 5 * 2**30  # safetensors file size of a consolidated save
 
-    Gathers the full state dict to rank 0's host (fine to about 13B in bf16 on a large host).
-    Tied input / output embeddings are saved once, as the model itself would save them.
+
+def _tied_head_keys(model: nn.Module) -> list[str]:
+    """State-dict names of an output head tied to the input embedding (saved once, by HF
+    convention under the embedding's name)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out_emb, in_emb = inner.get_output_embeddings(), inner.get_input_embeddings()
+    if out_emb is None or out_emb.weight is not in_emb.weight:
+        return []
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if p is out_emb.weight and n.endswith("lm_head.weight")]
+
+
+def save_hf(model: nn.Module, tokenizer, out_dir: str | Path, *,
+            gather_limit_bytes: int = GATHER_LIMIT_BYTES) -> None:
+    """A Hugging Face directory of the (possibly sharded) model; collective.
+
+    Up to ``gather_limit_bytes`` of weights, the full state dict is gathered to rank 0's host
+    and written with ``save_pretrained``; above, every rank writes its shards and they are
+    consolidated into safetensors files with an index (no host holds the whole model). Tied
+    input / output embeddings are saved once, as the model itself would save them.
     """
-    sd = full_state_dict(model)
-    if is_main():
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        out_emb, in_emb = inner.get_output_embeddings(), inner.get_input_embeddings()
-        if out_emb is not None and out_emb.weight is in_emb.weight:
-            for name, p in model.named_parameters(remove_duplicate=False):
-                if p is out_emb.weight and name.endswith("lm_head.weight"):
-                    sd.pop(name, None)
-        model.save_pretrained(Path(out_dir), state_dict=sd, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(Path(out_dir))
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if total > gather_limit_bytes:
+        _save_hf_consolidated(model, out_dir)
+    else:
+        sd = full_state_dict(model)
+        if is_main():
+            for name in _tied_head_keys(model):
+                sd.pop(name, None)
+            model.save_pretrained(Path(out_dir), state_dict=sd, safe_serialization=True)
+    if is_main() and tokenizer is not None:
+        tokenizer.save_pretrained(Path(out_dir))
     barrier()
+
+
+def _save_hf_consolidated(model: nn.Module, out_dir: str | Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if hasattr(model, "get_base_model"):
+        raise CheckpointError("a LoRA model above the gather limit cannot be saved consolidated: "
+                              "merge the adapters first")
+    out_dir = Path(out_dir)
+    sd = get_model_state_dict(model)
+    for name in _tied_head_keys(model):
+        sd.pop(name, None)
+    files, size, mapping = 1, 0, {}
+    for name in sorted(sd):  # files of at most FILE_BYTES (one tensor may exceed it)
+        nbytes = sd[name].numel() * sd[name].element_size()
+        if size and size + nbytes > FILE_BYTES:
+            files, size = files + 1, 0
+        mapping[name] = files
+        size += nbytes
+    writer = HuggingFaceStorageWriter(str(out_dir), fqn_to_index_mapping=mapping,
+                                      save_distributed=True, enable_consolidation=True)
+    with _single_process_quiet():
+        dcp.save(sd, storage_writer=writer)
+    barrier()
+    if is_main():
+        shutil.rmtree(out_dir / "sharded", ignore_errors=True)  # the per-rank pieces
+        model.config.save_pretrained(out_dir)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out_dir)

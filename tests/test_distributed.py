@@ -286,22 +286,24 @@ def test_config_fingerprint_ignores_resumable_keys():
 
 
 # ------------------------------------------------------------------- final HF model
-def _save_sharded(tie, out):
+def _save_sharded(tie, out, limit=ckpt.GATHER_LIMIT_BYTES):
     from torch.distributed.tensor import DTensor
 
     step = UnlearnStep(tiny_llama(tie=tie, seed=0), frozen_copy(tiny_llama(tie=tie, seed=0)))
     shard(step)
-    ckpt.save_hf(step.policy, None, out)
+    ckpt.save_hf(step.policy, None, out, gather_limit_bytes=limit)
     # Why the head is read only inside UnlearnStep.forward: outside it is this rank's rows.
     head = step.policy.lm_head.weight
     return isinstance(head, DTensor), tuple(head.to_local().shape)
 
 
+@pytest.mark.parametrize("limit", [ckpt.GATHER_LIMIT_BYTES, 0], ids=["gathered", "consolidated"])
 @pytest.mark.parametrize("tie", [True, False])
-def test_sharded_model_saves_a_loadable_hf_directory(tmp_path, tie):
+def test_sharded_model_saves_a_loadable_hf_directory(tmp_path, tie, limit):
     from transformers import AutoModelForCausalLM
 
-    shapes = run_ranks(_save_sharded, tie, tmp_path)
+    shapes = run_ranks(_save_sharded, tie, tmp_path, limit)
+    assert not (tmp_path / "sharded").exists()
     assert shapes == [(True, (64, 32)), (True, (64, 32))]
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     want = tiny_llama(tie=tie, seed=0).state_dict()
@@ -551,3 +553,14 @@ def test_likelihood_metrics_two_ranks_equal_one_process():
         assert got["counts"] == one["counts"]
         for k in ("forget_nll", "mismatch_nll", "normal_kl"):
             assert got[k] == pytest.approx(one[k], rel=1e-4, abs=1e-7), k
+
+
+@pytest.mark.parametrize("limit", [ckpt.GATHER_LIMIT_BYTES, 0], ids=["gathered", "consolidated"])
+def test_one_process_saves_the_same_way(tmp_path, limit):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(tie=True, seed=0)
+    ckpt.save_hf(model, None, tmp_path, gather_limit_bytes=limit)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
