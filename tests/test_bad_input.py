@@ -214,6 +214,15 @@ def test_remote_code_is_never_run(inputs, tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model.lora=true", "model.lora_targets=q_projj"], "q_projj"),  # peft's argument error
+    (["model.attn_implementation=bogus"], "bogus"),  # transformers' argument error
+], ids=["lora-target", "attn-implementation"])
+def test_library_argument_errors(overrides, message, inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    refused(base_args(inputs, out) + overrides, message, inputs, tmp_path, capsys, out=out)
+
+
 # ------------------------------------------------------------ training faults (tiny model)
 @pytest.mark.parametrize("lr", ["inf", "1e10"])
 def test_exploding_lr_saves_nothing(lr, inputs, tmp_path, capsys):
