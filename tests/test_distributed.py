@@ -567,3 +567,28 @@ def test_one_process_saves_the_same_way(tmp_path, limit):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+# ------------------------------------------------------------------- gradient accumulation
+def _reduce_scatters(grad_accum: int) -> int:
+    """Gradient reduce-scatters issued in one optimiser step of ``grad_accum`` micro-batches."""
+    import torch.distributed as dist
+
+    calls = []
+    real = dist.reduce_scatter_single if hasattr(dist, "reduce_scatter_single") \
+        else dist.reduce_scatter_tensor
+    name = real.__name__
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    setattr(dist, name, counted)
+    Run({"grad_accum": grad_accum, "batch_size": 2}).train_step()
+    return len(calls)
+
+
+def test_accumulation_reduces_gradients_once_per_step():
+    one = run_ranks(_reduce_scatters, 1)[0]
+    two = run_ranks(_reduce_scatters, 2)[0]
+    assert one > 0
+    assert two == one
