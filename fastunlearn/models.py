@@ -12,6 +12,7 @@ The loss needs the trunk's hidden states and the head weight; we take them from
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -211,6 +212,18 @@ def clear_gguf_quantization(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Every module in eval mode (dropout off) inside, each module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """The reference: a deep copy in eval mode with no gradients, optionally in a lower dtype."""
     ref = copy.deepcopy(model)
@@ -273,7 +286,6 @@ def check_head(model: nn.Module, input_ids: list[int], *, rtol: float | None = N
     trunk's hidden states and :func:`head_of` (scale, bias, soft-cap) on the tokens ``x``.
     Runs in eval mode; the tolerance is relative to the largest logit."""
     from .losses.reference import logits_ref
-    from .step import eval_mode
 
     head = head_of(model)
     device = head.weight.device

@@ -81,8 +81,7 @@ def probe_packing(model: nn.Module, token_rows: list[list[int]], pad_id: int) ->
     weights' dtype (fp32 weights: the strictest test), under bf16 autocast for flash-attention
     with fp32 weights (it needs 16 bits).
     """
-    from .models import trunk_of
-    from .step import eval_mode
+    from .models import eval_mode, trunk_of
 
     a, b, c = (list(r) for r in token_rows[:3])
     if not (a and b and c):

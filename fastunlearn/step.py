@@ -15,7 +15,7 @@ from torch import nn
 from .batching import Batch
 from .losses import KIND_NORMAL, LossOutput, unlearn_loss
 from .losses.types import IGNORE_INDEX
-from .models import head_of, trunk_of
+from .models import eval_mode, head_of, trunk_of
 from .packing import packed_inputs
 
 
@@ -46,18 +46,6 @@ def trunk_inputs(model: nn.Module, batch: Batch, device: torch.device,
         return packed_inputs(model, ids, batch.position_ids[rows].to(device))
     return {"input_ids": ids, "attention_mask": batch.attention_mask[rows].to(device),
             "use_cache": False}
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Every module in eval mode (dropout off) inside, each module's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def kind_counts(batch: Batch) -> list[int]:
