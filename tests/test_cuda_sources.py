@@ -109,81 +109,13 @@ def test_cuda_backend_registered_but_unavailable_without_gpu():
         assert not ok and why
 
 
-# ---- the Python driver (chunking, kind order, scales, dW / db accumulation) on CPU ----
-
-def _driver(h, w, y, k, rh, rw, *, bias=None, ref_bias=None, softcap=None, reduction="mean",
-            chunk_rows=None, eps=(0.5, 1.0, 1.0)):
-    from fastunlearn.losses.cuda_backend import cuda_forward_backward, row_pass_reference
-
-    return cuda_forward_backward(h, w, y, k, rh, rw, bias, ref_bias, *eps, softcap,
-                                 reduction == "sum", -100, chunk_rows,
-                                 row_pass=row_pass_reference)
-
-
-@pytest.mark.parametrize("shape", [(37, 31, 123), (5, 3, 7), (64, 16, 300)])
-@pytest.mark.parametrize("chunk_rows", [None, 4])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cuda_driver_with_reference_row_pass(shape, chunk_rows, reduction):
-    h, w, y, k, rh, rw = make_case(*shape, dtype=torch.float32, seed=sum(shape))
-    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
-    ref = unlearn_loss_ref(hd, wd, y, k, rh.double(), rw.double(), reduction=reduction)
-    ref.loss.backward()
-    loss, terms, counts, dx, dw, db = _driver(h, w, y, k, rh, rw, reduction=reduction,
-                                              chunk_rows=chunk_rows)
-    torch.testing.assert_close(loss.double(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
-    for i, name in enumerate(("forget_nll", "mismatch_nll", "normal_kl")):
-        torch.testing.assert_close(terms[i].double(), getattr(ref, name).detach(), rtol=1e-5,
-                                   atol=1e-6)
-    assert counts.tolist() == [int(ref.n_forget), int(ref.n_mismatch), int(ref.n_normal)]
-    torch.testing.assert_close(dx.double(), hd.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(dw.double(), wd.grad, rtol=1e-4, atol=1e-6)
-    assert db.numel() == 0
-
-
-def test_cuda_driver_bias_softcap_and_edge_cases():
-    h, w, y, k, rh, rw = make_case(29, 12, 77, dtype=torch.float32, seed=3, scale=3.0)
-    b = torch.randn(77)
-    hd, wd, bd = (t.double().requires_grad_() for t in (h, w, b))
-    ref = unlearn_loss_ref(hd, wd, y, k, rh.double(), rw.double(), bias=bd,
-                           ref_bias=b.double(), softcap=8.0, eps_forget=0.7)
-    ref.loss.backward()
-    loss, _t, _c, dx, dw, db = _driver(h, w, y, k, rh, rw, bias=b, ref_bias=b, softcap=8.0,
-                                       chunk_rows=8, eps=(0.7, 1.0, 1.0))
-    torch.testing.assert_close(loss.double(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dx.double(), hd.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(dw.double(), wd.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(db.double(), bd.grad, rtol=1e-4, atol=1e-6)
-    # all rows ignored: zeros, no GEMM
-    loss, terms, counts, dx, dw, _ = _driver(h, w, torch.full_like(y, -100), k, rh, rw)
-    assert float(loss) == 0.0 and counts.sum() == 0 and dx.abs().max() == 0
-    # no reference: the normal rows are dropped
-    _l, terms, counts, *_ = _driver(h, w, y, k, None, None)
-    assert int(counts[2]) == 0 and float(terms[2]) == 0.0
-    # a label outside the vocabulary on a valid row: one clear error
-    bad = y.clone()
-    bad[bad != -100] = 500
-    with pytest.raises(ValueError, match="outside"):
-        _driver(h, w, bad, k, rh, rw)
-
-
-def test_cuda_driver_bf16_dtypes():
-    h, w, y, k, rh, rw = make_case(40, 16, 90, dtype=torch.float32, seed=8)
-    hb, wb, rhb = h.bfloat16(), w.bfloat16(), rh.bfloat16()
-    loss, terms, _c, dx, dw, _db = _driver(hb, wb, y, k, rhb, None, chunk_rows=16)
-    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32 and loss.dtype == torch.float32
-    hd, wd = hb.double().requires_grad_(), wb.double().requires_grad_()
-    ref = unlearn_loss_ref(hd, wd, y, k, rhb.double())
-    ref.loss.backward()
-    torch.testing.assert_close(loss.double(), ref.loss.detach(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(dw.double(), wd.grad, rtol=5e-2, atol=5e-3)
-
-
 def test_cuda_backend_rejects_cpu_tensors():
-    from fastunlearn.losses.cuda_backend import cuda_unlearn_loss
+    from fastunlearn.losses.cuda_backend import _run
+    from fastunlearn.losses.options import LossOptions
 
     h, w, y, k, rh, rw = make_case(5, 3, 7, dtype=torch.float32)
     with pytest.raises(ValueError, match="CUDA tensors"):
-        cuda_unlearn_loss(h, w, y, k, rh, rw, eps_forget=0.5, eps_mismatch=1.0, eps_normal=1.0)
+        _run(h, w, y, k, rh, rw, None, None, LossOptions(), True, True, False)
 
 
 # ---- GPU: the real kernel ----
@@ -195,59 +127,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _grads_of(fn, h, w):
-    h = h.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    out = fn(h, w)
-    out.loss.backward()
-    return out, h.grad, w.grad
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(37, 31, 123), (64, 16, 300), (300, 64, 4099),
-                                   (128, 40, 70000)])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cuda_fp32_matches_reference(shape, reduction, no_tf32):
-    case = make_case(*shape, dtype=torch.float32, seed=sum(shape), device="cuda")
-    h, w, y, k, rh, rw = case
-    ref, gh, gw = _grads_of(lambda a, b: unlearn_loss_ref(
-        a.double(), b.double(), y, k, rh.double(), rw.double(), reduction=reduction), h, w)
-    got, ch, cw = _grads_of(lambda a, b: unlearn_loss(
-        a, b, y, k, rh, rw, reduction=reduction, backend="cuda", chunk_rows=64), h, w)
-    assert got.backend == "cuda"
-    for name in ("loss", "forget_nll", "mismatch_nll", "normal_kl"):
-        torch.testing.assert_close(getattr(got, name).double(), getattr(ref, name).double(),
-                                   rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ch.double(), gh.double(), rtol=5e-4, atol=1e-6)
-    torch.testing.assert_close(cw.double(), gw.double(), rtol=5e-4, atol=1e-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("grad_output", [1.0, 2.0, -1.0])
-def test_cuda_grad_output_bias_softcap_edge_cases(grad_output, no_tf32):
-    h, w, y, k, rh, rw = make_case(29, 12, 77, dtype=torch.float32, seed=3, scale=3.0,
-                                   device="cuda")
-    b = torch.randn(77, device="cuda")
-    kw = dict(softcap=8.0, eps_forget=0.7, eps_mismatch=1.3, eps_normal=0.9)
-    hd, wd, bd = (t.double().requires_grad_() for t in (h, w, b))
-    ref = unlearn_loss_ref(hd, wd, y, k, rh.double(), rw.double(), bias=bd, ref_bias=bd.detach(),
-                           **kw)
-    (ref.loss * grad_output).backward()
-    hc, wc, bc = (t.clone().requires_grad_() for t in (h, w, b))
-    got = unlearn_loss(hc, wc, y, k, rh, rw, bias=bc, ref_bias=b, backend="cuda", **kw)
-    (got.loss * grad_output).backward()
-    torch.testing.assert_close(got.loss.double(), ref.loss.detach(), rtol=1e-5, atol=1e-5)
-    for g, r in ((hc.grad, hd.grad), (wc.grad, wd.grad), (bc.grad, bd.grad)):
-        torch.testing.assert_close(g.double(), r, rtol=5e-4, atol=1e-6)
-    # all ignored; KL = 0 with gradient 0 when the reference is the policy
-    out = unlearn_loss(h, w, torch.full_like(y, -100), k, rh, rw, backend="cuda")
-    assert float(out.loss) == 0.0
-    hg = h.clone().requires_grad_()
-    out = unlearn_loss(hg, w, y, torch.full_like(k, 2), h, w, backend="cuda")
-    out.loss.backward()
-    assert float(out.normal_kl.abs()) < 1e-6 and float(hg.grad.abs().max()) < 1e-6
 
 
 def _max_err(a, b):
@@ -289,14 +168,13 @@ def test_cuda_bf16_two_x_rule_real_heads(bt, h_dim, vocab):
 
 @pytest.mark.gpu
 def test_cuda_torch_compile(no_tf32):
-    from fastunlearn.losses.cuda_backend import cuda_unlearn_loss, load
+    from fastunlearn.losses.cuda_backend import load
 
     load()
     h, w, y, k, rh, rw = make_case(16, 8, 64, dtype=torch.float32, seed=6, device="cuda")
-    kw = dict(eps_forget=0.5, eps_mismatch=1.0, eps_normal=1.0)
 
     def f(a, b):
-        return cuda_unlearn_loss(a, b, y, k, rh, rw, **kw).loss
+        return unlearn_loss(a, b, y, k, rh, rw, backend="cuda").loss
 
     he = h.clone().requires_grad_()
     expected = f(he, w)
@@ -309,7 +187,8 @@ def test_cuda_torch_compile(no_tf32):
 
 
 def _row_pass_cases(dev: str) -> list:
-    """(expected message, row_pass arguments without softcap and stream) per invalid input."""
+    """(expected message, check_row_pass arguments) per invalid input: z, zr, labels, scale,
+    hc, w, bias, ref_bias, ref_start."""
     w = torch.randn(64, 8, device=dev)
     z = torch.randn(4, 64, device=dev)
     lab = torch.zeros(4, dtype=torch.long, device=dev)
@@ -337,7 +216,7 @@ cases = _row_pass_cases("cuda")
 for expected, args in cases:  # the checks report as strings: no C++ exception involved
     assert expected in ext.check_row_pass(*args), (expected, ext.check_row_pass(*args))
     try:
-        _kernel_row_pass(*args[:8], 0.0, args[8])
+        _kernel_row_pass(*args[:4], args[8], *args[4:8], None)
     except ValueError as e:
         assert expected in str(e), (expected, str(e))
     else:
@@ -413,7 +292,7 @@ def test_binding_row_pass_raises_and_wrapper_raises_value_error(binding_on_cpu, 
         binding_on_cpu.row_pass(*args[:8], 0.0, args[8], 0)
     monkeypatch.setattr(cuda_backend, "load", lambda build=True: binding_on_cpu)
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
-        cuda_backend._kernel_row_pass(*args[:8], 0.0, args[8])
+        cuda_backend._kernel_row_pass(*args[:4], args[8], *args[4:8], None)
 
 
 if __name__ == "__main__":

@@ -125,23 +125,39 @@ def _err(got, want):
 
 @pytest.fixture
 def triton_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors only: CUDA ones run compiled
     monkeypatch.setenv("FASTUNLEARN_TRITON_BLOCK_V", "32")
 
 
 def _params():
-    for backend in _backends():
+    runs = [(b, "cpu") for b in _backends()]
+    if torch.cuda.is_available():  # the same suite on the GPU (marker gpu)
+        runs += [("cuda", "cuda"), ("triton", "cuda"), ("chunked", "cuda")]
+    for backend, device in runs:
+        marks = [pytest.mark.gpu] if device == "cuda" else []
         for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             for case_name in CASES:
-                if backend == "triton" and dname == "bf16" and case_name not in TRITON_BF16_CASES:
+                if (backend, device) == ("triton", "cpu") and dname == "bf16" \
+                        and case_name not in TRITON_BF16_CASES:
                     continue
-                yield pytest.param(backend, dtype, case_name, id=f"{backend}-{dname}-{case_name}")
+                yield pytest.param(backend, device, dtype, case_name, marks=marks,
+                                   id=f"{backend}-{device}-{dname}-{case_name}")
 
 
-@pytest.mark.parametrize("backend, dtype, case_name", list(_params()))
-def test_backend_matches_float64_specification(backend, dtype, case_name, triton_interpreter):
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons on a GPU need true fp32 GEMMs."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend, device, dtype, case_name", list(_params()))
+def test_backend_matches_float64_specification(backend, device, dtype, case_name,
+                                               triton_interpreter, no_tf32):
     case = CASES[case_name]
-    inputs = _inputs(case, dtype)
+    inputs = [None if t is None else t.to(device) for t in _inputs(case, dtype)]
     spec = _call("spec", case, inputs, compute_dtype=torch.float64)
     got = _call(backend, case, inputs)
     assert got["backend"] == backend

@@ -127,13 +127,18 @@ def defer_error_flag(flag: torch.Tensor, error: ValueError) -> None:
     _PENDING.append((event, host, error))
 
 
-def raise_deferred_errors() -> None:
-    """Raise the first error whose device flag was set by an earlier loss call. Waits only for
-    the work before that call's flag (already done in a training loop)."""
+def raise_deferred_errors(block: bool = False) -> None:
+    """Raise the first error whose flag an earlier loss call set. Without ``block`` only flags
+    that have already landed on the host are read (no synchronisation: the loss calls this on
+    entry); with it, every pending flag is waited for (``LossOutput.detached`` does, as it
+    synchronises anyway)."""
     while _PENDING:
-        event, host, error = _PENDING.pop(0)
-        if event is not None:
+        event, host, error = _PENDING[0]
+        if event is not None and not event.query():
+            if not block:
+                return
             event.synchronize()
+        _PENDING.pop(0)
         if int(host) != 0:
             _PENDING.clear()
             raise error

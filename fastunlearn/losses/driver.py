@@ -101,15 +101,15 @@ def _host_counts(bad, counts, options: LossOptions, has_ref: bool, vocab: int):
     if options.num_rows is not None:
         n_f, n_m, n_n = options.num_rows
         host = (n_f, n_m, n_n if has_ref else 0)
-        want = torch.tensor(host, dtype=torch.int64)
         mismatch = ValueError(f"num_rows={host} does not match the valid rows of the batch")
         if device.type == "cpu":
-            if not torch.equal(counts, want):
+            if tuple(counts.tolist()) != host:
                 raise ValueError(f"{mismatch} {tuple(counts.tolist())}")
         else:  # no synchronisation: checked at the next call
+            want = _scalar_vector(host, device)
             defer_error_flag(bad.sum(), invalid_rows_error(
                 "some", vocab, options.ignore_index, " (found in an earlier loss call)"))
-            defer_error_flag((counts != want.to(device, non_blocking=True)).sum(), mismatch)
+            defer_error_flag((counts.float() != want).sum(), mismatch)
         return host
     if device.type == "cpu":  # rows already checked eagerly
         return tuple(counts.tolist())

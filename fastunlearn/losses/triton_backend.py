@@ -117,10 +117,13 @@ def _fn(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, op
 
 # ----------------------------------------------------------------------------- token stats
 
-def _ts_kwargs(bias, ref_bias, softcap, ignore_index, chunk_rows):
+def _ts_kwargs(hidden, weight, ref_hidden, bias, ref_bias, softcap, ignore_index, chunk_rows):
+    if chunk_rows is None:  # the driver's plan (one planning function for every loop)
+        chunk_rows = plan_chunks(hidden.shape[0], 0 if ref_hidden is None else hidden.shape[0],
+                                 weight.shape[0], weight.element_size(), hidden.device.type).rows
     return dict(bias=None if bias is None else bias.detach(),
                 ref_bias=None if ref_bias is None else ref_bias.detach(), softcap=softcap,
-                ignore_index=ignore_index, chunk_rows=chunk_rows)
+                ignore_index=ignore_index, chunk_rows=max(1, chunk_rows))
 
 
 def _d(t):
@@ -136,7 +139,8 @@ def _token_stats_op(hidden: Tensor, weight: Tensor, labels: Tensor,
     """(logp, logp_ref, kl), each (BT,) fp32."""
     return _kernels().token_stats_fwd(
         hidden.detach(), weight.detach(), labels, _d(ref_hidden), _d(ref_weight),
-        **_ts_kwargs(bias, ref_bias, softcap, ignore_index, chunk_rows))
+        **_ts_kwargs(hidden, weight, ref_hidden, bias, ref_bias, softcap, ignore_index,
+                    chunk_rows))
 
 @_token_stats_op.register_fake
 def _token_stats_fake(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias,
@@ -154,7 +158,8 @@ def _token_stats_bwd_op(grad_logp: Tensor, grad_kl: Tensor, hidden: Tensor, weig
     """(d_hidden, d_weight fp32, d_bias fp32 or empty) for per-token upstream grads."""
     dx, dw, db = _kernels().token_stats_bwd(
         grad_logp, grad_kl, hidden.detach(), weight.detach(), labels, _d(ref_hidden),
-        _d(ref_weight), **_ts_kwargs(bias, ref_bias, softcap, ignore_index, chunk_rows))
+        _d(ref_weight), **_ts_kwargs(hidden, weight, ref_hidden, bias, ref_bias, softcap,
+                                     ignore_index, chunk_rows))
     if db is None:
         db = torch.empty(0, device=hidden.device, dtype=torch.float32)
     return dx, dw, db
@@ -218,10 +223,7 @@ def token_stats(hidden, weight, labels, ref_hidden=None, ref_weight=None, *, bia
     options = LossOptions(softcap=softcap, chunk_rows=chunk_rows, ignore_index=ignore_index)
     for name, t in (("hidden", hidden), ("weight", weight)):
         check_float(t, name, _DTYPES, "triton")
-    if chunk_rows is None:
-        chunk_rows = plan_chunks(hidden.shape[0], 0 if ref_hidden is None else hidden.shape[0],
-                                 weight.shape[0], weight.element_size(), hidden.device.type).rows
-    softcap, chunk_rows = options.softcap, max(1, int(chunk_rows))
+    softcap, chunk_rows = options.softcap, options.chunk_rows
     return _token_stats_op(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias,
                            None if softcap is None else float(softcap), int(ignore_index),
                            None if chunk_rows is None else int(chunk_rows))

@@ -41,7 +41,11 @@ class LossOutput:
     backend: str = "reference"
 
     def detached(self) -> dict[str, float]:
-        """Host-side floats for logging (this synchronises)."""
+        """Host-side floats for logging (this synchronises, so it also raises a bad-row error
+        that an accelerator backend flagged on the device without a sync)."""
+        from .checks import raise_deferred_errors
+
+        raise_deferred_errors(block=True)
         return {
             "loss": float(self.loss.detach()),
             "forget_nll": float(self.forget_nll.detach()),
