@@ -204,11 +204,18 @@ def discard_dir(work: Path) -> None:
 def atomic_dir(out: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
     """``with atomic_dir(out) as work:`` fill ``work``; it becomes ``out`` only on success,
     and is removed on any failure (an exception, Ctrl-C, SIGTERM)."""
+    out = Path(out)
+    new_parents = [p for p in out.absolute().parents if not p.exists()]  # deepest first
     work = claim_dir(out, what)
     try:
         yield work
     except BaseException:
         discard_dir(work)
+        for folder in new_parents:  # the folders created for it, if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     publish_dir(work, out)
 

@@ -38,12 +38,12 @@ def test_atomic_dir_publishes_whole_with_plain_permissions(tmp_path):
 
 
 def test_atomic_dir_removes_unfinished_work(tmp_path):
-    out = tmp_path / "run"
-    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
-        with pytest.raises(type(exc)), atomic_dir(out) as work:
-            (work / "half").write_text("x")
-            raise exc
-        assert list(tmp_path.iterdir()) == []
+    for out in (tmp_path / "run", tmp_path / "new" / "deeper" / "run"):
+        for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+            with pytest.raises(type(exc)), atomic_dir(out) as work:
+                (work / "half").write_text("x")
+                raise exc
+            assert list(tmp_path.iterdir()) == []  # also the folders made for it
 
 
 def test_non_empty_target_refused_empty_accepted(tmp_path):
