@@ -592,3 +592,42 @@ def test_accumulation_reduces_gradients_once_per_step():
     two = run_ranks(_reduce_scatters, 2)[0]
     assert one > 0
     assert two == one
+
+
+# ------------------------------------------------------- one process: the trainer's step
+def perturbed(step: UnlearnStep) -> UnlearnStep:
+    """The policy moved away from its reference (same noise every call): a non-zero KL."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in step.policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return step
+
+
+@pytest.mark.parametrize("ref", ["copy", "adapters", "cached"])
+def test_one_process_equals_the_single_process_step(ref):
+    """Unsharded, UnlearnStep computes what step.micro_batch_loss computes (loss, gradients)."""
+    from fastunlearn.step import LossWeights, ReferenceRunner, kind_counts, micro_batch_loss
+    from fastunlearn.unlearn_step import coefficients
+
+    opts = {"ref": ref, "tie": False}
+    batch = UnlearnBatcher(make_rows(), 4, pad_id=1, seed=0).next()
+    step = perturbed(build(opts))
+    coef = coefficients(EPS, kind_counts(batch))
+    out = step(prepare(batch, torch.device("cpu"), step.policy, getattr(step, "cache", None)),
+               coef)
+    out.loss.backward()
+    mine = {n: p.grad for n, p in step.policy.named_parameters() if p.requires_grad}
+
+    base = perturbed(build(opts))
+    runner = ReferenceRunner(base.policy, base.reference, cache=getattr(base, "cache", None))
+    want = micro_batch_loss(base.policy, runner, batch, LossWeights(*coef),
+                            device=torch.device("cpu"), compute_dtype=torch.float32,
+                            backend="reference", reduction="sum")
+    want.loss.backward()
+    assert float(out.normal_kl) > 1e-4  # the KL path is exercised
+    assert float(out.loss) == pytest.approx(float(want.loss), abs=1e-6)
+    for n, p in base.policy.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(mine[n], p.grad, atol=1e-6, rtol=1e-5), n
