@@ -71,6 +71,20 @@ def packed_inputs(model: nn.Module, input_ids: torch.Tensor,
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 2e-2}
 
 
+def sliding_window_limit(model: nn.Module, max_length: int) -> str | None:
+    """Why the explicit (full causal) mask would differ from the model's own, or None: layers
+    with a sliding window shorter than a row see less than the whole row."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window >= max_length:
+        return None
+    types = getattr(config, "layer_types", None)
+    used = "sliding_attention" in types if types else \
+        getattr(config, "use_sliding_window", True) is not False
+    return f"sliding-window attention ({window} tokens) in rows of up to {max_length}" \
+        if used else None
+
+
 @torch.no_grad()
 def probe_packing(model: nn.Module, token_rows: list[list[int]], pad_id: int) -> str | None:
     """None when packing keeps rows apart in ``model``, else why not (one line).

@@ -180,13 +180,14 @@ class Trainer:
     def _packing_keeps_rows_apart(self) -> bool:
         """Probe the models that run on packed rows (see packing.py); warn and say False when
         one of them lets a packed row see another."""
-        from .packing import probe_packing
+        from .packing import probe_packing, sliding_window_limit
 
         rows = self.rows_by_kind
         tokens = [rows[KIND_FORGET][0].input_ids[:12], rows[KIND_NORMAL][0].input_ids[:9],
                   rows[KIND_NORMAL][-1].input_ids[:7]]
         for model in (self.policy, self.reference):
             why = None if model is None else \
+                sliding_window_limit(model, self.cfg.data.max_length) or \
                 probe_packing(model, tokens, self.tokenizer.pad_token_id)
             if why is not None:
                 self.packing_off_reason = f"{type(model).__name__}: {why}"

@@ -10,7 +10,7 @@ from fastunlearn.batching import collate_rows, pack_rows
 from fastunlearn.data import Pair, RecipeData
 from fastunlearn.inputs import tokenize_all
 from fastunlearn.models import frozen_copy, trunk_of
-from fastunlearn.packing import probe_packing
+from fastunlearn.packing import probe_packing, sliding_window_limit
 from fastunlearn.step import LossWeights, ReferenceRunner, micro_batch_loss, trunk_inputs
 from fastunlearn.trainer import Trainer
 from tests.test_trainer import tiny_cfg, tiny_recipe
@@ -129,3 +129,18 @@ def test_probe_runs_in_eval_mode():
     rows = [list(range(10, 22)), list(range(30, 39)), list(range(50, 57))]
     assert probe_packing(model, rows, 1) is None
     assert model.training  # mode restored
+
+
+def test_sliding_window_shorter_than_a_row_turns_packing_off():
+    """The explicit mask is full causal inside a row: a model whose layers look back less than
+    a row is not packed (the short probe rows could not show the difference)."""
+    model = tiny_llama(128, seed=6)
+    model.config.sliding_window = 16  # rows are up to 64 tokens (tiny_cfg)
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    trainer = _trainer(model)
+    with pytest.warns(UserWarning, match="sliding-window attention"):
+        trainer.setup()
+    assert not trainer.batcher.pack
+    assert sliding_window_limit(model, 16) is None
+    model.config.layer_types = ["full_attention", "full_attention"]
+    assert sliding_window_limit(model, 64) is None
