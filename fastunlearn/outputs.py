@@ -129,13 +129,17 @@ def _owner() -> str:
     return f"{os.getpid()} {socket.gethostname()}"
 
 
-def _owner_is_alive(text: str) -> bool:
-    """True unless the owner is a process of this host that no longer exists."""
+def _owner_is_alive(work: Path, text: str) -> bool:
+    """True unless the owner is a process of this host that no longer exists (or, without an
+    owner mark, unless the folder is more than a minute old: the mark follows at once)."""
     try:
         pid_text, host = text.split()
         pid = int(pid_text)
     except ValueError:
-        return True  # unreadable: assume someone is still starting up
+        try:
+            return time.time() - work.stat().st_mtime < 60
+        except OSError:
+            return True
     if host != socket.gethostname():
         return True  # another machine: cannot tell
     try:
@@ -168,7 +172,7 @@ def claim_dir(out: str | os.PathLike, what: str = "output folder") -> Path:
                 owner = (work / OWNER_FILE).read_text()
             except OSError:
                 owner = ""
-            if _owner_is_alive(owner):
+            if _owner_is_alive(work, owner):
                 who = f" (pid {owner.split()[0]})" if owner else ""
                 raise OutputError(f"another run{who} is writing {out} (working folder {work}): "
                                   "wait for it or choose another output") from None

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -79,6 +80,18 @@ def test_killed_run_is_noticed_and_set_aside(tmp_path, capsys):
     kept = [p for p in tmp_path.iterdir() if p.name.startswith(".run.killed-")]
     assert len(kept) == 1 and (kept[0] / "metrics.jsonl").exists()  # nothing deleted
     publish_dir(work, out)
+
+
+def test_old_unmarked_partial_folder_is_set_aside(tmp_path, capsys):
+    out = tmp_path / "run"
+    leftover = outputs.partial_dir(out)
+    leftover.mkdir()
+    with pytest.raises(OutputError, match="another run"):  # fresh: maybe just starting
+        claim_dir(out)
+    old = time.time() - 3600
+    os.utime(leftover, (old, old))
+    publish_dir(claim_dir(out), out)
+    assert "was killed" in capsys.readouterr().err
 
 
 def test_publish_race_keeps_the_losers_results(tmp_path):
