@@ -2,13 +2,21 @@
 
 Providers: naive (logits materialised, torch ops), compile (naive under torch.compile), liger
 (Liger-Kernel fused linear CE twice + fused linear JSD with beta 0; optional), the registered
-backends chunked / triton / cuda / cpp (via ``unlearn_loss(..., backend=name)``), and floor
-(the matrix products alone: policy logits, dX and dW on all rows, reference logits on the
-normal rows), and rows (the Triton row kernel alone over the triton backend's chunks: the
-non-GEMM part of its time). JSON rows go to benchmarks/results/bench_loss_<device>.json and to $OUT.
+backends chunked / triton / cuda / cpp (via ``unlearn_loss(..., backend=name)``), floor (the
+matrix products alone on whole batches: policy logits, dX and dW on all rows, reference logits on
+the normal rows), chunked_floor (the chunk driver with the same chunk plan and a row pass that
+does nothing: GEMMs, gathers and glue only) and rows (the Triton row kernel alone over the
+driver's chunks). JSON rows go to benchmarks/results/bench_loss_<device>.json and to $OUT.
 
-    python benchmarks/bench_loss.py                      # the issue's four shapes (GPU)
-    python benchmarks/bench_loss.py --quick              # fewer repetitions
+Each backend row also records: the chunk plan, peak memory in the forward, memory held between
+forward and backward, peak in the backward (CUDA), the number of tensors of V x H elements or
+more allocated in the backward, and on CUDA the driver's per-phase times (logits, ref_logits,
+row_pass, dx, dw, glue). Repetitions scale with the time of one call, so p20 / p50 / p80 come
+from at least ten samples.
+
+    python benchmarks/bench_loss.py                      # the four reference shapes (GPU)
+    python benchmarks/bench_loss.py --quick              # fewer repetitions; one tiny shape on CPU
+    python benchmarks/bench_loss.py --device cpu --quick
     python benchmarks/bench_loss.py --shapes 4096x2048x128256 --providers triton,floor
 On CPU it runs tiny shapes (a smoke test); set TRITON_INTERPRET=1 to include triton.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -38,12 +47,17 @@ from common import (  # noqa: E402
 )
 
 from fastunlearn.losses import unlearn_loss  # noqa: E402
+from fastunlearn.losses.driver import plan_chunks, run_chunks  # noqa: E402
+from fastunlearn.losses.options import LossOptions  # noqa: E402
+from fastunlearn.losses.probe import AllocationRecorder, record_phases  # noqa: E402
 from fastunlearn.losses.registry import get_backend  # noqa: E402
 
 GPU_SHAPES = ["8192x576x49152", "8192x2048x128256", "8192x4096x128256", "32768x4096x128256"]
 CPU_SHAPES = ["96x32x500", "192x64x1000"]
 ALL_PROVIDERS = ["naive", "compile", "liger", "chunked", "triton", "cuda", "cpp", "floor",
-                 "rows"]
+                 "chunked_floor", "rows"]
+BACKENDS = ("chunked", "triton", "cuda", "cpp")
+MIN_SAMPLES = 10
 EPS = dict(eps_forget=0.5, eps_mismatch=1.0, eps_normal=1.0)
 
 
@@ -102,32 +116,47 @@ def floor_fn(hidden, weight, ref_hidden, ref_weight, n_normal):
     return run
 
 
-def rows_fn(hidden, weight, labels, kind, ref_hidden):
-    """The Triton row kernel alone, over the same chunks as the triton backend (logits already
-    in the workspace): the part of the triton provider's time that is not GEMM."""
-    from fastunlearn.triton_kernels import fused_loss as fl
-    from fastunlearn.triton_kernels.unlearn_rows import unlearn_rows_fwd
+def _no_row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, softcap):
+    return torch.zeros(z.shape[0], device=z.device)
 
-    dev = hidden.device
-    n, (vocab, h_dim) = hidden.shape[0], weight.shape
-    chunk = fl.default_chunk_rows(vocab, h_dim, weight.element_size(), dev.type)
-    n_nll = int((kind != 2).sum())
-    segs = fl._segments(n, chunk, True, n_nll)
-    ws = torch.randn(chunk, vocab, device=dev).to(weight.dtype)
-    y = labels.clamp(0, vocab - 1)
-    coef = torch.full((n,), 1.0 / n, device=dev)
-    ar = torch.arange(chunk, device=dev, dtype=torch.int32)
+
+def chunked_floor_fn(hidden, weight, labels, kind, ref_hidden, ref_weight):
+    """The chunk driver with a row pass that does nothing: the same plan's GEMMs and glue."""
+    opts = LossOptions(**EPS)
 
     def run():
-        for s, e, with_ref in segs:
-            c = e - s
-            unlearn_rows_fwd(ws[:c], y[s:e], ws[c:2 * c] if with_ref else None,
-                             ar[:c] if with_ref else None, coef[s:e], coef[s:e])
+        with torch.no_grad():
+            run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, None, None, opts,
+                       _no_row_pass)
+    return run
+
+
+def rows_fn(hidden, weight, labels, kind, ref_hidden):
+    """The Triton row kernel alone over the driver's chunks (logits already in the workspace):
+    the part of the triton provider's time that is not GEMM."""
+    from fastunlearn.losses.triton_backend import triton_row_pass
+
+    dev = hidden.device
+    n, vocab = hidden.shape[0], weight.shape[0]
+    n_ref = int((kind == 2).sum())
+    plan = plan_chunks(n, n_ref, vocab, weight.element_size(), dev.type)
+    ws = torch.randn(plan.rows, vocab, device=dev).to(weight.dtype)
+    wsr = torch.randn(plan.ref_rows, vocab, device=dev).to(weight.dtype)
+    y = labels.clamp(0, vocab - 1)
+    coef = torch.full((n,), 1.0 / n, device=dev)
+    hc = hidden.detach()[:plan.rows].contiguous()
+
+    def run():
+        for s in range(0, n, plan.rows):
+            r = min(plan.rows, n - s)
+            n_r = max(0, s + r - max(s, n - n_ref))
+            triton_row_pass(ws[:r], wsr[:n_r] if n_r else None, y[s:s + r], coef[s:s + r],
+                            r - n_r, hc[:r], weight.detach(), None, None, None)
     return run
 
 
 def provider_available(name, device):
-    if name in ("naive", "floor"):
+    if name in ("naive", "floor", "chunked_floor"):
         return True, ""
     if name == "rows":
         return get_backend("triton") is not None and get_backend("triton").available(
@@ -144,6 +173,56 @@ def provider_available(name, device):
     if be is None:
         return False, "backend not registered"
     return be.available(device.type)
+
+
+def _one_call_ms(fn, device) -> float:
+    """Time of one call (ms): sizes the repetitions so that every quantile has samples."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1000
+
+
+def _allocated(device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def backend_profile(p, hidden, weight, labels, kind, ref_hidden, ref_weight, device) -> dict:
+    """Chunk plan, memory per phase, big allocations in the backward and phase times."""
+    vocab, h_dim = weight.shape
+    n_ref = int((kind == 2).sum())
+    itemsize = 4 if p == "cpp" else weight.element_size()
+    plan = plan_chunks(hidden.shape[0], n_ref, vocab, itemsize, device.type)
+    out = {"chunk_plan": {"rows": plan.rows, "ref_rows": plan.ref_rows, "chunks": plan.chunks,
+                          "workspace_mib": round(plan.workspace_bytes / 2**20, 1)}}
+    gib = 2**30
+    cuda = device.type == "cuda"
+    base = _allocated(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with record_phases() as phases:
+        loss = unlearn_loss(hidden, weight, labels, kind, ref_hidden, ref_weight, backend=p,
+                            **EPS).loss
+    if cuda:
+        out["fwd_peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / gib
+        out["saved_gib"] = (_allocated(device) - base) / gib
+        torch.cuda.reset_peak_memory_stats(device)
+        after_fwd = _allocated(device)
+    with AllocationRecorder() as rec:
+        loss.backward()
+    if cuda:
+        out["bwd_peak_gib"] = (torch.cuda.max_memory_allocated(device) - after_fwd) / gib
+    out["bwd_allocs_ge_vh"] = len(rec.big_allocations(vocab * h_dim))
+    totals = phases.totals()
+    if cuda and totals:
+        out["phase_ms"] = {k: round(v, 3) for k, v in totals.items()}
+    return out
 
 
 def run_shape(shape, providers, dtype, device, args, meta):
@@ -175,6 +254,8 @@ def run_shape(shape, providers, dtype, device, args, meta):
             return floor_fn(hidden, weight, ref_hidden, ref_weight, n_normal)
         if p == "rows":
             return rows_fn(hidden, weight, labels, kind, ref_hidden)
+        if p == "chunked_floor":
+            return chunked_floor_fn(hidden, weight, labels, kind, ref_hidden, ref_weight)
         return lambda: backward(unlearn_loss(hidden, weight, labels, kind, ref_hidden,
                                              ref_weight, backend=p, **EPS).loss)
 
@@ -182,8 +263,9 @@ def run_shape(shape, providers, dtype, device, args, meta):
         row = {"shape": shape, "provider": p, "dtype": str(dtype).replace("torch.", ""),
                **meta, "ms_p50": None, "ms_p20": None, "ms_p80": None, "peak_gib": None,
                "floor_ms": None, "ratio_to_floor": None, "rel_err_vs_naive": None,
-               "backend": p if p not in ("naive", "compile", "liger", "floor", "rows") else None,
-               "error": None}
+               "backend": p if p in BACKENDS else None, "error": None,
+               "chunk_plan": None, "fwd_peak_gib": None, "saved_gib": None,
+               "bwd_peak_gib": None, "bwd_allocs_ge_vh": None, "phase_ms": None}
         ok, why = provider_available(p, device)
         if not ok:
             row["error"] = f"skipped: {why}"
@@ -193,7 +275,7 @@ def run_shape(shape, providers, dtype, device, args, meta):
             fn = fwd_bwd(p)
             hidden.grad = weight.grad = None
             loss = fn()  # first call: compile / autotune, and the outputs for the errors
-            if p not in ("floor", "rows"):
+            if p not in ("floor", "chunked_floor", "rows"):
                 got = (loss.float(), hidden.grad.float(), weight.grad.float())
                 if p == "naive":
                     naive = got  # kept on the device for the other providers' errors
@@ -205,7 +287,15 @@ def run_shape(shape, providers, dtype, device, args, meta):
             hidden.grad = weight.grad = None
             row["peak_gib"] = peak_gib_above(fn, device)
             hidden.grad = weight.grad = None
-            p50, p20, p80 = time_fn(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+            if p in BACKENDS:
+                row.update(backend_profile(p, hidden, weight, labels, kind, ref_hidden,
+                                           ref_weight, device))
+                hidden.grad = weight.grad = None
+            one_ms = _one_call_ms(fn, device)
+            hidden.grad = weight.grad = None
+            p50, p20, p80 = time_fn(fn, device,
+                                    warmup_ms=max(args.warmup_ms, 2 * one_ms),
+                                    rep_ms=max(args.rep_ms, MIN_SAMPLES * 1.2 * one_ms),
                                     grad_to_none=[hidden, weight])
             row.update(ms_p50=p50, ms_p20=p20, ms_p80=p80)
         except Exception as exc:  # one provider failing must not stop the others
@@ -240,7 +330,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     shapes = (args.shapes.split(",") if args.shapes
-              else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
+              else (GPU_SHAPES if device.type == "cuda"
+                    else CPU_SHAPES[:1] if args.quick else CPU_SHAPES))
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     args.warmup_ms = args.warmup_ms or (5 if args.quick else 25)
@@ -259,7 +350,7 @@ def main(argv=None):
         paths = write_json(rows, name)  # after every shape: partial results survive timeouts
         print_table([r for r in rows if r["shape"] == shape],
                     ["shape", "provider", "ms_p50", "ms_p20", "ms_p80", "peak_gib",
-                     "ratio_to_floor", "rel_err_vs_naive", "error"])
+                     "bwd_allocs_ge_vh", "ratio_to_floor", "rel_err_vs_naive", "error"])
         sys.stdout.flush()
         gc.collect()
         if device.type == "cuda":

@@ -7,51 +7,13 @@
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from fastunlearn.losses import unlearn_loss
+from fastunlearn.losses.probe import AllocationRecorder
 from fastunlearn.losses.registry import get_backend
 from tests.loss_cases import make_case
 
 BT, H, V = 24, 16, 40
-
-
-def _storages(tree):
-    return {t.untyped_storage().data_ptr() for t in tree_flatten(tree)[0]
-            if isinstance(t, torch.Tensor) and t.device.type != "meta"}
-
-
-class Recorder(TorchDispatchMode):
-    """Every op's name and the shapes of its newly allocated outputs (an output that shares
-    storage with an input, as in-place and out= ops do, is not an allocation)."""
-
-    def __init__(self, parent=None):
-        super().__init__()
-        self.calls = [] if parent is None else parent.calls
-        self.gemms = [] if parent is None else parent.gemms  # every op's (name, output shape)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        before = _storages((args, kwargs))
-        if func.namespace == "fastunlearn":  # look inside the fused ops too: run their CPU
-            with Recorder(parent=self):      # kernel with this mode still recording
-                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args,
-                                      **kwargs)
-        else:
-            out = func(*args, **kwargs)
-        outs = tree_flatten(out)[0]
-        shapes = [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)
-                  and o.untyped_storage().data_ptr() not in before]
-        name = str(func.overloadpacket.__name__)
-        self.calls.append((name, shapes))
-        self.gemms += [(name, tuple(o.shape)) for o in outs if isinstance(o, torch.Tensor)]
-        return out
-
-    def big_outputs(self, n):
-        # set_: the Triton interpreter's byte copies of kernel arguments (no device buffer)
-        return [(f, s) for f, shapes in self.calls for s in shapes
-                if torch.Size(s).numel() >= n and f != "set_"]
 
 
 def _backends():
@@ -94,33 +56,31 @@ def _inputs(dtype=torch.float32, frozen_head=False):
 def test_backward_allocates_nothing_of_head_size(backend, dtype):
     h, w, y, k, rh, rw, b = _inputs(dtype)
     out = unlearn_loss(h, w, y, k, rh, rw, bias=b, backend=backend, chunk_rows=8)
-    rec = Recorder()
+    rec = AllocationRecorder()
     with rec:
         (out.loss * 0.5).backward()
     assert w.grad is not None and h.grad is not None and b.grad is not None
-    assert rec.big_outputs(V * H) == [], rec.calls
+    assert rec.big_allocations(V * H) == [], rec.calls
 
 
 def _dw_gemms(rec):
-    """GEMMs writing an output of the head's shape (dW), allocated or out=."""
-    gemms = ("mm", "addmm", "addmm_", "bmm", "matmul", "mkldnn_matmul")
-    return [(f, s) for f, s in rec.gemms if f in gemms and s == (V, H)]
+    return rec.gemms_with_output((V, H))
 
 
 @pytest.mark.parametrize("backend", _backends(), indirect=True)
 def test_frozen_head_runs_no_dw_gemm(backend):
     h, w, y, k, rh, rw, b = _inputs(frozen_head=True)
-    rec = Recorder()
+    rec = AllocationRecorder()
     with rec:
         out = unlearn_loss(h, w, y, k, rh, rw, bias=b, backend=backend, chunk_rows=8)
         out.loss.backward()
     assert w.grad is None and h.grad is not None
     assert _dw_gemms(rec) == []
-    assert rec.big_outputs(V * H) == []  # nor any (V, H) buffer
+    assert rec.big_allocations(V * H) == []  # nor any (V, H) buffer
 
     # the same head trainable: the dW GEMMs do show (the counting works)
     h, w, y, k, rh, rw, b = _inputs()
-    rec = Recorder()
+    rec = AllocationRecorder()
     with rec:
         unlearn_loss(h, w, y, k, rh, rw, bias=b, backend=backend, chunk_rows=8).loss.backward()
     assert len(_dw_gemms(rec)) >= 1
@@ -129,9 +89,9 @@ def test_frozen_head_runs_no_dw_gemm(backend):
 @pytest.mark.parametrize("backend", _backends(), indirect=True)
 def test_no_grad_runs_no_gradient_gemm(backend):
     h, w, y, k, rh, rw, b = _inputs()
-    rec = Recorder()
+    rec = AllocationRecorder()
     with torch.no_grad(), rec:
         out = unlearn_loss(h, w, y, k, rh, rw, bias=b, backend=backend, chunk_rows=8)
     assert out.loss.grad_fn is None
     assert _dw_gemms(rec) == []
-    assert rec.big_outputs(V * H) == []
+    assert rec.big_allocations(V * H) == []

@@ -11,6 +11,7 @@ reference logits form one suffix. Each chunk of C sorted rows then runs:
     6. db += s colsum(dZ)
 
 s is the logit scale, applied to the gathered (C, H) rows, never to a (V, H) copy of a head.
+Inside ``probe.record_phases()`` the time of each step is recorded (benchmarks).
 Steps 4-6 run only for the inputs that need a gradient: a frozen head (LoRA) or a call under
 ``no_grad`` pays no dW GEMM. Gradients are for grad_output = 1; the autograd wrapper (``op``)
 scales them in place.
@@ -31,6 +32,7 @@ import torch
 
 from .checks import defer_error_flag, invalid_rows, invalid_rows_error
 from .options import LossOptions
+from .probe import active_phases
 from .types import KIND_NORMAL
 
 WORKSPACE_ENV = "FASTUNLEARN_WORKSPACE_MB"
@@ -126,7 +128,11 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
     dX in hidden's dtype, dW in weight's dtype, db in bias's dtype; an input that needs no
     gradient gets an empty (0,) tensor and its GEMM is skipped.
     """
+    need_db = need_db and bias is not None
     device = hidden.device
+    phases = active_phases()
+    mark = (lambda name: phases.mark(name, device)) if phases else (lambda name: None)
+    mark("start")
     bt, h_dim = hidden.shape
     vocab = weight.shape[0]
     has_ref = ref_hidden is not None
@@ -172,28 +178,35 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
         zrbuf = torch.empty(plan.ref_rows, vocab, device=device, dtype=gdt) if n_n else None
         dxbuf = torch.empty(plan.rows, h_dim, device=device, dtype=gdt) if need_dx else None
         first_normal = n_f + n_m
+        mark("glue")
         for i, s0 in enumerate(range(0, n_rows, plan.rows)):
             r = min(plan.rows, n_rows - s0)
             n_ref = max(0, s0 + r - max(s0, first_normal))
             idx = order[s0:s0 + r]
             hc = _gather(hidden, idx, gdt, s)
             z = torch.mm(hc, w.t(), out=zbuf[:r])  # 1
+            mark("logits")
             zr = None
             if n_ref:
                 hr = _gather(ref_hidden, idx[r - n_ref:], gdt, s)
                 zr = torch.mm(hr, rw.t(), out=zrbuf[:n_ref])  # 2
+                mark("ref_logits")
             vals[s0:s0 + r] = row_pass(z, zr, labels_sorted[s0:s0 + r],  # 3
                                        row_scale[s0:s0 + r], r - n_ref, hc, w, b32, rb32,
                                        options.softcap)
+            mark("row_pass")
             if need_dx:  # 4
                 d = torch.mm(z, w, out=dxbuf[:r])
                 if s != 1.0:
                     d.mul_(s)
                 dx.index_copy_(0, idx, d.to(dx.dtype))
+                mark("dx")
             if need_dw:  # 5
                 accumulate_dw(dw, z, hc, first=i == 0)
+                mark("dw")
             if need_db:  # 6
                 db += z.sum(0, dtype=acc_dt)
+                mark("glue")
         del zbuf, zrbuf, dxbuf
     elif need_dw:
         dw.zero_()
@@ -206,6 +219,7 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
         dw = dw.to(weight.dtype)  # in the forward: the backward allocates nothing of (V, H)
     if need_db and db.dtype != bias.dtype:
         db = db.to(bias.dtype)
+    mark("glue")
     return loss, terms, counts, dx, dw, db
 
 
