@@ -1,6 +1,7 @@
 """Random inputs for loss tests, shared by every backend's tests."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastunlearn.losses import IGNORE_INDEX
@@ -33,3 +34,30 @@ def run_with_grads(fn, h, w, b=None, grad_output=1.0):
     out = fn(h, w, b)
     (out.loss * grad_output).backward()
     return out, h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def loss_backends(fused_only: bool = False) -> list[str]:
+    """The loss backends that run on CPU here: reference (unless ``fused_only``), chunked, cpp
+    (when its extension builds) and triton (through the interpreter, when Triton imports)."""
+    from fastunlearn.losses.registry import get_backend
+
+    names = ([] if fused_only else ["reference"]) + ["chunked"]
+    cpp = get_backend("cpp")
+    if cpp is not None and cpp.available("cpu")[0]:
+        names.append("cpp")
+    try:
+        import triton  # noqa: F401
+
+        names.append("triton")
+    except ImportError:
+        pass
+    return names
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons on a GPU need true fp32 GEMMs, whatever another test module set."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

@@ -18,7 +18,7 @@ import torch
 
 from fastunlearn.losses import unlearn_loss, unlearn_loss_ref
 from fastunlearn.losses._build import csrc_dir
-from tests.loss_cases import make_case
+from tests.loss_cases import make_case, no_tf32  # noqa: F401 (fixture)
 
 
 def _nvcc():
@@ -120,15 +120,6 @@ def test_cuda_backend_rejects_cpu_tensors():
 
 # ---- GPU: the real kernel ----
 
-@pytest.fixture
-def no_tf32():
-    """fp32 comparisons need true fp32 GEMMs, whatever another test module set globally."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _max_err(a, b):
     return float((a.double() - b.double()).abs().max())
 
@@ -167,7 +158,8 @@ def test_cuda_bf16_two_x_rule_real_heads(bt, h_dim, vocab):
 
 
 @pytest.mark.gpu
-def test_cuda_torch_compile(no_tf32):
+@pytest.mark.usefixtures("no_tf32")
+def test_cuda_torch_compile():
     from fastunlearn.losses.cuda_backend import load
 
     load()

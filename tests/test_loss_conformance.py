@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from fastunlearn.losses import IGNORE_INDEX, unlearn_loss, unlearn_loss_ref
-from fastunlearn.losses.registry import get_backend
-from tests.loss_cases import make_case
+from tests.loss_cases import loss_backends, make_case, no_tf32  # noqa: F401 (fixture)
 
 BT, H, V = 26, 12, 40
 CHUNK = {"triton": 13}  # rows per chunk; 7 for the others
@@ -48,20 +47,6 @@ CASES = {
     "large_logits": {"scale": 300.0},
 }
 QUANTITIES = ("loss", "forget_nll", "mismatch_nll", "normal_kl", "dh", "dw", "db")
-
-
-def _backends():
-    names = ["reference", "chunked"]
-    cpp = get_backend("cpp")
-    if cpp is not None and cpp.available("cpu")[0]:
-        names.append("cpp")
-    try:
-        import triton  # noqa: F401
-
-        names.append("triton")
-    except ImportError:
-        pass
-    return names
 
 
 def _inputs(case: dict, dtype: torch.dtype):
@@ -130,7 +115,7 @@ def triton_interpreter(monkeypatch):
 
 
 def _params():
-    runs = [(b, "cpu") for b in _backends()]
+    runs = [(b, "cpu") for b in loss_backends()]
     if torch.cuda.is_available():  # the same suite on the GPU (marker gpu)
         runs += [("cuda", "cuda"), ("triton", "cuda"), ("chunked", "cuda")]
     for backend, device in runs:
@@ -144,18 +129,9 @@ def _params():
                                    id=f"{backend}-{device}-{dname}-{case_name}")
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 comparisons on a GPU need true fp32 GEMMs."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
+@pytest.mark.usefixtures("triton_interpreter", "no_tf32")
 @pytest.mark.parametrize("backend, device, dtype, case_name", list(_params()))
-def test_backend_matches_float64_specification(backend, device, dtype, case_name,
-                                               triton_interpreter, no_tf32):
+def test_backend_matches_float64_specification(backend, device, dtype, case_name):
     case = CASES[case_name]
     inputs = [None if t is None else t.to(device) for t in _inputs(case, dtype)]
     spec = _call("spec", case, inputs, compute_dtype=torch.float64)

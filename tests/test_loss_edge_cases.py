@@ -12,26 +12,12 @@ from fastunlearn.losses import IGNORE_INDEX, unlearn_loss, unlearn_loss_ref
 from fastunlearn.losses.checks import defer_error_flag, raise_deferred_errors
 from fastunlearn.losses.options import LossOptions
 from fastunlearn.losses.registry import get_backend
-from tests.loss_cases import make_case
+from tests.loss_cases import loss_backends, make_case
 
 BT, H, V = 12, 8, 24
 
 
-def _backends():
-    names = ["reference", "chunked"]
-    cpp = get_backend("cpp")
-    if cpp is not None and cpp.available("cpu")[0]:
-        names.append("cpp")
-    try:
-        import triton  # noqa: F401
-
-        names.append("triton")
-    except ImportError:
-        pass
-    return names
-
-
-BACKENDS = _backends()
+BACKENDS = loss_backends()
 
 
 @pytest.fixture(autouse=True)

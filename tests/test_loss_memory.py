@@ -10,18 +10,13 @@ import torch
 
 from fastunlearn.losses import unlearn_loss
 from fastunlearn.losses.probe import AllocationRecorder
-from fastunlearn.losses.registry import get_backend
-from tests.loss_cases import make_case
+from tests.loss_cases import loss_backends, make_case
 
 BT, H, V = 24, 16, 40
 
 
-def _backends():
-    names = ["chunked", "triton"]
-    b = get_backend("cpp")
-    if b is not None and b.available("cpu")[0]:
-        names.append("cpp")
-    return names
+def _memory_backends():
+    return loss_backends(fused_only=True)
 
 
 @pytest.fixture
@@ -33,8 +28,9 @@ def backend(request, monkeypatch):
         monkeypatch.setenv("FASTUNLEARN_TRITON_BLOCK_V", "16")
     if name == "cpp":
         # the oneDNN path calls its GEMM outside the dispatcher: count through at::mm
-        ext = get_backend("cpp") and __import__("fastunlearn.losses.cpp_backend",
-                                                 fromlist=["load"]).load()
+        from fastunlearn.losses import cpp_backend
+
+        ext = cpp_backend.load()
         engine = ext.gemm_engine()
         ext.set_gemm("aten")
         yield name
@@ -51,7 +47,7 @@ def _inputs(dtype=torch.float32, frozen_head=False):
     return h, w, y, k, rh, rw, b
 
 
-@pytest.mark.parametrize("backend", _backends(), indirect=True)
+@pytest.mark.parametrize("backend", _memory_backends(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_allocates_nothing_of_head_size(backend, dtype):
     h, w, y, k, rh, rw, b = _inputs(dtype)
@@ -67,7 +63,7 @@ def _dw_gemms(rec):
     return rec.gemms_with_output((V, H))
 
 
-@pytest.mark.parametrize("backend", _backends(), indirect=True)
+@pytest.mark.parametrize("backend", _memory_backends(), indirect=True)
 def test_frozen_head_runs_no_dw_gemm(backend):
     h, w, y, k, rh, rw, b = _inputs(frozen_head=True)
     rec = AllocationRecorder()
@@ -86,7 +82,7 @@ def test_frozen_head_runs_no_dw_gemm(backend):
     assert len(_dw_gemms(rec)) >= 1
 
 
-@pytest.mark.parametrize("backend", _backends(), indirect=True)
+@pytest.mark.parametrize("backend", _memory_backends(), indirect=True)
 def test_no_grad_runs_no_gradient_gemm(backend):
     h, w, y, k, rh, rw, b = _inputs()
     rec = AllocationRecorder()

@@ -8,21 +8,7 @@ import torch
 from fastunlearn.losses import unlearn_loss
 from fastunlearn.losses.options import LossOptions
 from fastunlearn.losses.registry import get_backend
-from tests.loss_cases import make_case
-
-
-def _fused():
-    names = ["chunked"]
-    cpp = get_backend("cpp")
-    if cpp is not None and cpp.available("cpu")[0]:
-        names.append("cpp")
-    try:
-        import triton  # noqa: F401
-
-        names.append("triton")
-    except ImportError:
-        pass
-    return names
+from tests.loss_cases import loss_backends, make_case
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +22,7 @@ def _op(backend):
     return getattr(torch.ops.fastunlearn, f"{backend}_unlearn_loss").default
 
 
-@pytest.mark.parametrize("backend", _fused())
+@pytest.mark.parametrize("backend", loss_backends(fused_only=True))
 def test_opcheck(backend):
     h, w, y, k, rh, rw = make_case(9, 4, 11, dtype=torch.float32, seed=1)
     b = torch.randn(11)
@@ -47,7 +33,7 @@ def test_opcheck(backend):
                                       "test_autograd_registration"))
 
 
-@pytest.mark.parametrize("backend", _fused())
+@pytest.mark.parametrize("backend", loss_backends(fused_only=True))
 def test_fake_outputs_follow_the_needed_gradients(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -62,7 +48,7 @@ def test_fake_outputs_follow_the_needed_gradients(backend):
     assert dw.shape == (0,) and db.shape == (0,)
 
 
-@pytest.mark.parametrize("backend", _fused())
+@pytest.mark.parametrize("backend", loss_backends(fused_only=True))
 def test_torch_compile(backend):
     h, w, y, k, rh, rw = make_case(12, 8, 40, dtype=torch.float32, seed=19)
     opts = LossOptions(logit_scale=0.5, chunk_rows=5)
