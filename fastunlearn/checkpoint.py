@@ -135,12 +135,8 @@ def _rng_state(optimizer) -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     # StochasticRoundingAdamW draws its rounding seeds from generators of its own.
-    seeds = getattr(optimizer, "_seeds", None)
-    if isinstance(seeds, torch.Generator):
-        state["optimizer_seeds"] = seeds.get_state()
-    gens = getattr(optimizer, "_generators", None)
-    if isinstance(gens, dict):
-        state["optimizer_generators"] = {str(d): g.get_state() for d, g in gens.items()}
+    if hasattr(optimizer, "rng_state"):
+        state["optimizer"] = optimizer.rng_state()
     return state
 
 
@@ -149,14 +145,8 @@ def _set_rng_state(state: dict, optimizer) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "optimizer_seeds" in state and isinstance(getattr(optimizer, "_seeds", None),
-                                                  torch.Generator):
-        optimizer._seeds.set_state(state["optimizer_seeds"])
-    gens = getattr(optimizer, "_generators", None)
-    if isinstance(gens, dict):
-        for device, g_state in state.get("optimizer_generators", {}).items():
-            dev = torch.device(device)
-            gens.setdefault(dev, torch.Generator(dev)).set_state(g_state)
+    if "optimizer" in state and hasattr(optimizer, "load_rng_state"):
+        optimizer.load_rng_state(state["optimizer"])
 
 
 def _dcp_state(state: TrainState) -> dict:

@@ -24,8 +24,18 @@ import warnings
 
 import torch
 
+try:  # absent from torch builds without distributed support
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
 IMPLS = ("auto", "triton", "cpp", "torch")
 _SLICE = 1 << 22  # elements per fp32 slice on the PyTorch path (16 MiB per temporary)
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None
@@ -130,9 +140,22 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.impl = impl
         # Host-side seeds for the kernel (no device sync); per-device generators for PyTorch.
+        # Under torch.distributed every rank updates its own shard: its rounding bits must be
+        # independent of the other ranks', so the rank is part of the seed.
+        seed = seed + 1_000_003 * _rank()
         self._seeds = torch.Generator().manual_seed(seed)
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def rng_state(self) -> dict:
+        """The state of the optimizer's own random generators (for checkpoints)."""
+        return {"seeds": self._seeds.get_state(),
+                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_rng_state(self, state: dict) -> None:
+        self._seeds.set_state(state["seeds"])
+        for device, g_state in state["generators"].items():
+            self._generator(torch.device(device)).set_state(g_state)
 
     def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
         if self.state_dtype is not None:
@@ -187,6 +210,8 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         return loss
 
     def _update(self, p, grad, exp_avg, exp_avg_sq, hyper) -> None:
+        if isinstance(p, DTensor):  # FSDP2: this rank updates its own shard in place
+            p, grad, exp_avg, exp_avg_sq = (t.to_local() for t in (p, grad, exp_avg, exp_avg_sq))
         # Every path works on contiguous tensors; a strided parameter is updated via a copy.
         target = p if p.is_contiguous() else p.contiguous()
         grad = grad.contiguous()

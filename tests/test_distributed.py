@@ -498,8 +498,6 @@ def _sr_adamw_steps(dtype, impl: str | None) -> dict | None:
     return ckpt.full_state_dict(step.policy)
 
 
-@pytest.mark.xfail(strict=True, reason="optim.StochasticRoundingAdamW does not unwrap DTensor "
-                                       "parameters to their local shards yet")
 def test_stochastic_rounding_adamw_updates_sharded_parameters():
     want = _sr_adamw_steps(torch.float32, None)
     fp32 = run_ranks(_sr_adamw_steps, torch.float32, "torch")[0]

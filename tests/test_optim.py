@@ -289,3 +289,27 @@ def test_state_dict_round_trip_keeps_moments_and_step():
     q.grad = torch.full_like(q, 0.5)
     fresh.step()
     assert fresh.state[q]["step"] == 2
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_rng_state_round_trip_repeats_the_same_rounding(impl):
+    """A resumed run draws the same rounding bits: rng_state / load_rng_state restore them."""
+    def fresh():
+        p = torch.nn.Parameter(torch.randn(257, generator=torch.Generator().manual_seed(1))
+                               .to(torch.bfloat16))
+        return p, StochasticRoundingAdamW([p], lr=1e-3, impl=impl, seed=5)
+
+    p, opt = fresh()
+    p.grad = torch.randn_like(p)
+    opt.step()
+    saved, weights, state = opt.rng_state(), p.detach().clone(), opt.state_dict()
+    opt.step()
+    want = p.detach().clone()
+    q, other = fresh()
+    with torch.no_grad():
+        q.copy_(weights)
+    other.load_state_dict(state)
+    other.load_rng_state(saved)
+    q.grad = p.grad.clone()
+    other.step()
+    assert torch.equal(q.detach(), want)
