@@ -124,8 +124,8 @@ def test_saturated_softcap_gives_exactly_zero_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_logits_keep_gradient_precision(backend):
-    """Logits around 1e4: probabilities as exp(z - max) / sum keep the gradient within a small
-    multiple of plain fp32 PyTorch's error (exp(z - lse) with lse rounded to fp32 did not)."""
+    """Logits around 1e4: probabilities as exp(z - max) / sum keep the gradient error at plain
+    fp32 PyTorch's."""
     h, w, y, k, rh, rw = _case(ignore_frac=0.0, scale=1.0)
     h = h * (1e4 / h.abs().max())
     w = w / w.abs().max()
@@ -141,7 +141,8 @@ def test_large_logits_keep_gradient_precision(backend):
     got = grads(lambda x: unlearn_loss(x, w, y, k, rh, rw, backend=backend), torch.float32)
     scale = float(want.abs().max())
     err, base = float((got - want).abs().max()), float((torch_fp32 - want).abs().max())
-    assert err <= 10 * base + 1e-6 * scale, (err, base)
+    # exp(z - lse) with an fp32 lse gave 18x plain PyTorch's error here (3.9e-7 vs 2.2e-8)
+    assert err <= 3 * base + 1e-9 * scale, (err, base)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
