@@ -55,7 +55,10 @@ def plan_chunks(n_rows: int, n_ref: int, vocab: int, itemsize: int, device_type:
                 chunk_rows: int | None = None) -> ChunkPlan:
     """The one chunk plan: as many rows per chunk as the logit workspace holds.
 
-    The workspace (``FASTUNLEARN_WORKSPACE_MB``, default 1 GiB on CUDA, 192 MiB on CPU) holds
+    ``itemsize`` is the bytes per logit of a chunk row: the workspace element, plus what the
+    row pass allocates per logit (``temp_bytes_per_logit`` of a row-pass function).
+
+    The budget (``FASTUNLEARN_WORKSPACE_MB``, default 1 GiB on CUDA, 192 MiB on CPU) holds
     the policy logits of a chunk and the reference logits of its normal rows. Policy and
     reference rows share chunks, so when few rows are normal the policy rows get almost all
     of it: fewer chunks means fewer passes over the fp32 dW. Every chunk re-reads and rewrites
@@ -171,8 +174,9 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
         else hidden.new_empty(0)
     db = torch.zeros(vocab, device=device, dtype=acc_dt) if need_db else hidden.new_empty(0)
     vals = torch.zeros(n_rows, device=device, dtype=torch.float32)
-    plan = plan_chunks(n_rows, n_n, vocab, torch.finfo(gdt).bits // 8, device.type,
-                       options.chunk_rows)
+    # bytes per logit of a chunk: the workspace element plus the row pass's own temporaries
+    per_logit = torch.finfo(gdt).bits // 8 + getattr(row_pass, "temp_bytes_per_logit", 0)
+    plan = plan_chunks(n_rows, n_n, vocab, per_logit, device.type, options.chunk_rows)
     if n_rows:
         zbuf = torch.empty(plan.rows, vocab, device=device, dtype=gdt)
         zrbuf = torch.empty(plan.ref_rows, vocab, device=device, dtype=gdt) if n_n else None
@@ -293,3 +297,7 @@ def torch_row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, softc
         p.mul_(1.0 - t * t)
     z.copy_(p)
     return vals
+
+
+# fp32 (R, V) temporaries of torch_row_pass: logits, probabilities, tanh, reference probabilities
+torch_row_pass.temp_bytes_per_logit = 16
