@@ -1,5 +1,6 @@
 """Unlearning losses: the reference specification, the backends and the public API."""
 from .api import UnlearnLoss, unlearn_loss
+from .options import LossOptions
 from .reference import token_stats_ref, unlearn_loss_ref
 from .registry import (
     Backend,
@@ -19,6 +20,6 @@ from .types import (
 
 __all__ = [
     "Backend", "BackendUnavailableError", "IGNORE_INDEX", "KIND_FORGET", "KIND_MISMATCH",
-    "KIND_NAMES", "KIND_NORMAL", "LossOutput", "UnlearnLoss", "describe_backends",
+    "KIND_NAMES", "KIND_NORMAL", "LossOptions", "LossOutput", "UnlearnLoss", "describe_backends",
     "register_backend", "resolve_backend", "token_stats_ref", "unlearn_loss", "unlearn_loss_ref",
 ]
