@@ -40,6 +40,9 @@ class ModelSection:
                                                         "gate_proj", "up_proj", "down_proj"])
     lora_merge_on_save: bool = True
     trust_remote_code: bool = False  # let a model folder run its own Python code (off: refuse)
+    # dtype of the saved weights: auto (bfloat16 when training in bf16, else the weights' own)
+    # | float32 | bfloat16
+    save_dtype: str = "auto"
 
 
 @dataclass
@@ -357,6 +360,8 @@ def validate(cfg: RunConfig) -> None:
         (m.dtype in _DTYPE_NAMES, f"model.dtype must be one of {', '.join(_DTYPE_NAMES)}"),
         (m.reference_dtype in _DTYPE_NAMES,
          f"model.reference_dtype must be one of {', '.join(_DTYPE_NAMES)}"),
+        (m.save_dtype in ("auto", "float32", "bfloat16"),
+         "model.save_dtype must be auto, float32 or bfloat16"),
         (m.reference in ("auto", "copy", "adapters", "cached"),
          "model.reference must be auto, copy, adapters or cached"),
         (m.reference != "adapters" or m.lora,

@@ -306,11 +306,67 @@ def check_head(model: nn.Module, input_ids: list[int], *, rtol: float | None = N
                          "train it")
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str | Path, *, merge_lora: bool = True):
-    """Standard HF directory: safetensors weights, config, tokenizer and chat template."""
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path, *, merge_lora: bool = True,
+               save_dtype: str | torch.dtype = "auto", training_dtype: torch.dtype | None = None,
+               config: dict | None = None, before: dict | None = None,
+               after: dict | None = None) -> None:
+    """Standard HF directory: safetensors weights, config, tokenizer and chat template, a model
+    card (``README.md``: method, config, before/after metrics, versions) and ``fastunlearn.json``
+    (the same as JSON).
+
+    ``save_dtype``: ``auto`` (bfloat16 when ``training_dtype`` is bfloat16, else the weights'
+    own dtype), ``float32`` or ``bfloat16``. The weights are cast on the way to disk: ``model``
+    itself is left unchanged.
+    """
+    from .provenance import provenance, write_model_files
+
     out_dir = Path(out_dir)
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = copy.deepcopy(model).merge_and_unload()
     clear_gguf_quantization(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    dtype = _save_dtype(save_dtype, model, training_dtype)
+    state_dict = None
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.state_dict().values()):
+        state_dict = _cast_state_dict(model, dtype)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    if state_dict is not None and not hasattr(model, "peft_config"):
+        # save_pretrained records the in-memory weights' dtype; the files hold ``dtype``.
+        saved = copy.deepcopy(model.config)
+        saved.dtype = str(dtype).removeprefix("torch.")
+        saved.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    write_model_files(out_dir, provenance(config=config, before=before, after=after,
+                                          save_dtype=str(dtype).removeprefix("torch.")))
+
+
+def _save_dtype(name: str | torch.dtype, model: nn.Module,
+                training_dtype: torch.dtype | None) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if training_dtype == torch.bfloat16:
+            return torch.bfloat16
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        return floats[0] if floats else torch.float32
+    if name not in SAVE_DTYPES:
+        raise ModelError(f"save dtype must be auto, {' or '.join(SAVE_DTYPES)}, got {name!r}")
+    return SAVE_DTYPES[name]
+
+
+def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict:
+    """The state dict with floating tensors in ``dtype``. Tensors that share memory (a tied
+    head) stay shared, so save_pretrained still writes them once."""
+    cast: dict = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.dtype == dtype:
+            out[name] = t
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key not in cast:
+            cast[key] = t.detach().to(dtype)
+        out[name] = cast[key]
+    return out
