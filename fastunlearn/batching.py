@@ -141,12 +141,32 @@ def pack_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch:
                  positions, token_kind, [[index[i] for i in m] for m in seqs])
 
 
+@dataclass
+class KindDraw:
+    """The rows of one kind drawn for one batch: the sampled indices and the rows made from them
+    (``per_pick`` consecutive rows per index: 1 for a row list, K for drawn mismatch rows)."""
+
+    picked: list[int]
+    rows: list
+
+    @property
+    def per_pick(self) -> int:
+        return len(self.rows) // max(len(self.picked), 1)
+
+    def part(self, share: slice) -> KindDraw:
+        """The picks in ``share`` (a slice of ``picked``) with their rows."""
+        per = self.per_pick
+        return KindDraw(self.picked[share], self.rows[share.start * per:share.stop * per])
+
+
 class UnlearnBatcher:
     """One concatenated batch per call: [forget rows; mismatch rows; normal rows].
 
     A kind is a list of rows, or rows drawn afresh per batch (``data.MismatchDraws``: its
     ``lengths`` are sampled like rows, then ``rows(indices, rng)`` makes the batch's rows with a
-    generator seeded by the seed and the batch number, so a run is reproducible)."""
+    generator seeded by the seed and the batch number, so a run is reproducible).
+    ``next()`` is ``collate(draw())``; a process of a sharded run collates only its share of
+    each kind's draw (``distributed.RankBatcher``)."""
 
     def __init__(self, rows_by_kind: list, batch_size: int, pad_id: int, seed: int,
                  bucket: bool = True, pack: bool = False):
@@ -158,22 +178,29 @@ class UnlearnBatcher:
         self.samplers = [KindSampler(_lengths(rows), batch_size, seed + k, bucket)
                          for k, rows in enumerate(rows_by_kind)]
 
-    def next(self) -> Batch:
-        rows, index = [], []
+    def draw(self) -> list[KindDraw]:
+        """The next batch's rows of each kind, not yet collated (advances the stream)."""
+        out = []
         for k, sampler in enumerate(self.samplers):
             picked = sampler.next()
             source = self.rows_by_kind[k]
             if isinstance(source, list):
-                rows += [source[i] for i in picked]
-                index += picked
+                rows = [source[i] for i in picked]
             else:
-                drawn = source.rows(picked, random.Random(f"{self.seed}:{k}:{self.draws}"))
-                rows += drawn
-                index += [i for i in picked for _ in range(len(drawn) // len(picked))]
+                rows = source.rows(picked, random.Random(f"{self.seed}:{k}:{self.draws}"))
+            out.append(KindDraw(picked, rows))
         self.draws += 1
+        return out
+
+    def collate(self, draws: list[KindDraw]) -> Batch:
+        rows = [r for d in draws for r in d.rows]
+        index = [i for d in draws for i in d.picked for _ in range(d.per_pick)]
         if self.pack:
             return pack_rows(rows, self.pad_id, index)
         return collate_rows(rows, self.pad_id, index)
+
+    def next(self) -> Batch:
+        return self.collate(self.draw())
 
 
 def _lengths(source) -> list[int]:

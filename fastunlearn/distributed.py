@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import random
 import sys
 from contextlib import contextmanager
 
@@ -201,27 +200,11 @@ class RankBatcher:
         check_rows_per_rank(min(s.batch_size for s in batcher.samplers), self.world)
 
     def next(self):
-        """Mirrors ``UnlearnBatcher.next`` (rows of a list, or rows drawn afresh per batch from
-        a generator seeded by the seed, kind and batch number), keeping this rank's picks."""
-        from .batching import collate_rows, pack_rows
-
-        b = self.batcher
-        rows, index = [], []
-        for k, sampler in enumerate(b.samplers):
-            picked = sampler.next()
-            mine = share(len(picked), self.rank, self.world)
-            source = b.rows_by_kind[k]
-            if isinstance(source, list):
-                rows += [source[i] for i in picked[mine]]
-                index += picked[mine]
-            else:  # every rank draws the whole group (same generator), keeps its picks' rows
-                drawn = source.rows(picked, random.Random(f"{b.seed}:{k}:{b.draws}"))
-                per = len(drawn) // len(picked)
-                rows += drawn[mine.start * per:mine.stop * per]
-                index += [i for i in picked[mine] for _ in range(per)]
-        b.draws += 1
-        collate = pack_rows if b.pack else collate_rows
-        return collate(rows, b.pad_id, index)
+        """This rank's share of each kind of the next global batch (every rank draws it whole:
+        the same samplers and the same generators for drawn rows), collated."""
+        draws = self.batcher.draw()
+        return self.batcher.collate([d.part(share(len(d.picked), self.rank, self.world))
+                                     for d in draws])
 
     # The position of the global stream: the same on every rank.
     def state_dict(self) -> dict:

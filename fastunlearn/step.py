@@ -1,8 +1,10 @@
-"""The loss of one micro-batch: one policy trunk pass, the reference on normal rows only.
+"""Host-side pieces of a micro-batch's loss: valid positions, trunk inputs, the reference runner.
 
 Labels are shifted here (hidden position t predicts token t+1). Rows whose shifted label is
 ignored are dropped on the host side before anything touches the head, so the loss backends only
-ever see valid rows and need no host synchronisation to find them.
+ever see valid rows and need no host synchronisation to find them. The loss itself is computed by
+``unlearn_step.UnlearnStep`` (one module for one process and for a sharded run);
+:func:`micro_batch_loss` is its one-call form.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from .batching import Batch
-from .losses import KIND_NORMAL, LossOutput, unlearn_loss
+from .losses import LossOutput
 from .losses.types import IGNORE_INDEX
 from .models import eval_mode, head_of, trunk_of
 from .packing import packed_inputs
@@ -98,65 +100,37 @@ class ReferenceRunner:
         return out.last_hidden_state
 
 
+def reference_mode(ref: ReferenceRunner) -> str:
+    """The ``UnlearnStep`` reference mode that serves a runner (cache, adapters off, or copy)."""
+    if ref.cache is not None:
+        return "cached"
+    return "adapters" if ref.adapters_off else "copy"
+
+
 def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weights: LossWeights,
                      *, device: torch.device, compute_dtype: torch.dtype, backend: str = "auto",
                      chunk_rows: int | None = None, reduction: str = "mean") -> LossOutput:
-    """Loss of one concatenated batch (differentiable w.r.t. the policy)."""
-    if compute_dtype == torch.float32:
-        autocast = contextlib.nullcontext
-    else:
-        def autocast():
-            return torch.autocast(device.type, dtype=compute_dtype)
-    flat, labels, kinds = valid_positions(batch)
-    t = batch.input_ids.shape[1]
+    """Loss of one concatenated batch (differentiable w.r.t. the policy), computed by the same
+    module as training: an (unsharded) ``unlearn_step.UnlearnStep`` over the runner's models."""
+    from .unlearn_step import UnlearnStep, prepare
 
-    with autocast():
-        hidden = trunk_of(policy)(**trunk_inputs(policy, batch, device)).last_hidden_state
-    h_dim = hidden.shape[-1]
-    hidden = hidden.reshape(-1, h_dim).to(compute_dtype)[flat.to(device)]
-
-    # Reference hidden states for the normal rows only, placed at their compacted positions.
-    ref_hidden = None
-    normal_rows = (batch.kind == KIND_NORMAL).nonzero().squeeze(1)
-    is_normal = kinds == KIND_NORMAL
-    if weights.eps_normal != 0 and normal_rows.numel() and bool(is_normal.any()) \
-            and ref.cache is not None:
-        # Cached reference: rows in batch order, valid positions in column order == sel's order.
-        sel = is_normal.nonzero().squeeze(1)
-        ref_h = ref.cached_hidden(_normal_row_indices(batch, normal_rows))
-        if ref_h.shape[0] != sel.numel():
-            raise ValueError("reference cache does not match the batch's normal rows "
-                             "(normal set or tokenisation changed): rebuild the cache")
-        ref_hidden = torch.zeros_like(hidden)
-        ref_hidden[sel.to(device)] = ref_h.to(device, non_blocking=True).to(compute_dtype)
-    elif weights.eps_normal != 0 and normal_rows.numel() and bool(is_normal.any()):
-        first, last = int(normal_rows[0]), int(normal_rows[-1]) + 1
-        assert last - first == normal_rows.numel(), "normal rows must be contiguous"
-        ref_h = ref.hidden(trunk_inputs(ref.model(), batch, device, slice(first, last)),
-                           autocast)
-        ref_h = ref_h.reshape(-1, h_dim).to(compute_dtype)
-        ref_hidden = torch.zeros_like(hidden)
-        sel = is_normal.nonzero().squeeze(1)
-        ref_hidden[sel.to(device)] = ref_h[(flat[sel] - first * t).to(device)]
-
-    head = head_of(policy)
-    ref_head = ref.head()
-    weight = head.weight.to(compute_dtype)
-    ref_weight = weight.detach() if ref_head.weight is head.weight \
-        else ref_head.weight.to(compute_dtype)
-    bias = None if head.bias is None else head.bias.to(compute_dtype)
-    ref_bias = None if ref_head.bias is None else ref_head.bias.to(compute_dtype)
-    if (ref_head.logit_scale, ref_head.softcap) != (head.logit_scale, head.softcap):
-        raise ValueError("the reference head's logit scale / soft-cap differ from the policy's")
-    return unlearn_loss(hidden, weight, labels.to(device), kinds.to(device), ref_hidden,
-                        ref_weight, eps_forget=weights.eps_forget,
-                        eps_mismatch=weights.eps_mismatch, eps_normal=weights.eps_normal,
-                        bias=bias, ref_bias=ref_bias, softcap=head.softcap,
-                        logit_scale=head.logit_scale, reduction=reduction,
-                        backend=backend, chunk_rows=chunk_rows, num_rows=_counts(kinds, ref_hidden))
+    mode = reference_mode(ref)
+    ref_head = ref.head() if mode == "cached" else None
+    if ref_head is not None:
+        head = head_of(policy)
+        if (ref_head.logit_scale, ref_head.softcap) != (head.logit_scale, head.softcap):
+            raise ValueError("the reference head's logit scale / soft-cap differ from the "
+                             "policy's")
+    step = UnlearnStep(policy, ref.reference if mode == "copy" else None, mode=mode,
+                       ref_head=None if ref_head is None else ref_head.weight,
+                       ref_bias=None if ref_head is None else ref_head.bias,
+                       backend=backend, chunk_rows=chunk_rows, compute_dtype=compute_dtype)
+    inputs = prepare(batch, device, policy, ref.cache if weights.eps_normal != 0 else None)
+    return step(inputs, (weights.eps_forget, weights.eps_mismatch, weights.eps_normal),
+                reduction=reduction)
 
 
-def _normal_row_indices(batch: Batch, normal_rows: torch.Tensor) -> torch.Tensor:
+def normal_row_indices(batch: Batch, normal_rows: torch.Tensor) -> torch.Tensor:
     """Indices of the normal rows in batch order. A packed sequence holds several rows back to
     back, and its valid positions are theirs in that order (each row's first label is ignored,
     so no position predicts across a row boundary)."""
@@ -164,9 +138,3 @@ def _normal_row_indices(batch: Batch, normal_rows: torch.Tensor) -> torch.Tensor
         return batch.row_index[normal_rows]
     return torch.tensor([i for s in normal_rows.tolist() for i in batch.members[s]],
                         dtype=torch.long)
-
-
-def _counts(kinds: torch.Tensor, ref_hidden) -> tuple[int, int, int]:
-    """Valid rows per kind, known on the host: kernel backends then skip a device sync."""
-    n_forget, n_mismatch, n_normal = _per_kind(kinds)
-    return n_forget, n_mismatch, n_normal if ref_hidden is not None else 0

@@ -23,15 +23,14 @@ batch.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .losses import KIND_NORMAL, LossOutput, unlearn_loss
-from .models import head_of, trunk_of
-from .step import _normal_row_indices, trunk_inputs, valid_positions
+from .models import eval_mode, head_of, trunk_of
+from .step import normal_row_indices, trunk_inputs, valid_positions
 
 REFERENCES = ("copy", "adapters", "cached", "none")
 
@@ -64,22 +63,15 @@ def prepare(batch, device: torch.device, model: nn.Module, cache=None) -> StepIn
         raise ValueError("normal rows must be contiguous and last in a batch")
     cached = None
     if cache is not None and sel.numel():
-        cached = cache.gather(_normal_row_indices(batch, normal_rows))
+        cached = cache.gather(normal_row_indices(batch, normal_rows))
         if cached.shape[0] != sel.numel():
             raise ValueError("reference cache does not match the batch's normal rows "
                              "(normal set or tokenisation changed): rebuild the cache")
         cached = cached.to(device, non_blocking=True)
     counts = tuple(int((kinds == k).sum()) for k in range(3))
-    return StepInputs(_trunk_inputs(model, batch, device), flat.to(device), labels.to(device),
+    return StepInputs(trunk_inputs(model, batch, device), flat.to(device), labels.to(device),
                       kinds.to(device), sel.to(device), (first, last),
                       (flat[sel] - first * t).to(device), cached, counts)
-
-
-def _trunk_inputs(model, batch, device) -> dict:
-    # step.trunk_inputs takes the model first where packed rows need a model-specific mask.
-    if next(iter(inspect.signature(trunk_inputs).parameters)) == "model":
-        return trunk_inputs(model, batch, device)
-    return trunk_inputs(batch, device)
 
 
 def coefficients(eps: tuple[float, float, float], global_counts) -> tuple[float, float, float]:
@@ -153,7 +145,7 @@ class UnlearnStep(nn.Module):
         else:
             ctx, model = contextlib.nullcontext(), self.policy
         device = next(iter(trunk.values())).device
-        with ctx, _eval_mode(model), self._autocast(device):
+        with ctx, eval_mode(model), self._autocast(device):
             return trunk_of(model)(**trunk).last_hidden_state
 
     def _reference_hidden(self, inputs: StepInputs) -> torch.Tensor:
@@ -164,10 +156,12 @@ class UnlearnStep(nn.Module):
         out = out.reshape(-1, out.shape[-1]).to(self.compute_dtype)
         return out[inputs.ref_pos]
 
-    def forward(self, inputs: StepInputs, coef: tuple[float, float, float]) -> LossOutput:
+    def forward(self, inputs: StepInputs, coef: tuple[float, float, float],
+                reduction: str = "sum") -> LossOutput:
         """The summed loss of this rank's rows, each kind weighted by ``coef`` (see
         :func:`coefficients`). Every rank runs the same sequence of sharded calls whatever its
-        rows (the layers gather their weights collectively)."""
+        rows (the layers gather their weights collectively). ``reduction="mean"``: each term
+        the mean over its own tokens of these rows, weighted by ``coef`` (one process only)."""
         device = inputs.flat.device
         eps_f, eps_m, eps_n = coef
         live_ref = eps_n != 0 and self.mode in ("copy", "adapters")
@@ -193,6 +187,9 @@ class UnlearnStep(nn.Module):
                 self.ref_bias.to(device, self.compute_dtype)
         elif self.mode == "copy":
             ref = head_of(self.reference)
+            if (ref.logit_scale, ref.softcap) != (head.logit_scale, head.softcap):
+                raise ValueError("the reference head's logit scale / soft-cap differ from the "
+                                 "policy's")
             ref_weight = ref.weight.to(self.compute_dtype)
             ref_bias = None if ref.bias is None else ref.bias.to(self.compute_dtype)
         else:  # adapters (LoRA leaves the head alone) or no reference: the loss detaches it
@@ -201,7 +198,7 @@ class UnlearnStep(nn.Module):
         return unlearn_loss(hidden, weight, inputs.labels, inputs.kinds, ref_hidden, ref_weight,
                             eps_forget=eps_f, eps_mismatch=eps_m, eps_normal=eps_n, bias=bias,
                             ref_bias=ref_bias, softcap=head.softcap,
-                            logit_scale=getattr(head, "logit_scale", 1.0), reduction="sum",
+                            logit_scale=head.logit_scale, reduction=reduction,
                             backend=self.backend, chunk_rows=self.chunk_rows,
                             num_rows=(n_f, n_m, n_n if ref_hidden is not None else 0))
 
@@ -240,7 +237,7 @@ def likelihood_metrics(step: UnlearnStep, micro: list[StepInputs]) -> dict:
 
     counts = global_kind_counts([sum(c) for c in zip(*(m.counts for m in micro))])
     sums = torch.zeros(3, dtype=torch.float64)
-    with _eval_mode(step):
+    with eval_mode(step):
         for inputs in micro:
             out = step(inputs, (1.0, 1.0, 1.0))
             sums += torch.stack([t.double().cpu() for t in
@@ -248,18 +245,6 @@ def likelihood_metrics(step: UnlearnStep, micro: list[StepInputs]) -> dict:
     sums = all_reduce_sum(sums).tolist()
     return {"forget_nll": sums[0] / max(counts[0], 1), "mismatch_nll": sums[1] / max(counts[1], 1),
             "normal_kl": sums[2] / max(counts[2], 1), "counts": counts}
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Dropout off inside (a reference pass is deterministic); each module's mode restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 # ------------------------------------------------------------------------------ sharding
