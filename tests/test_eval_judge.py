@@ -192,3 +192,22 @@ def test_trainer_with_unusable_judge_fails_instead_of_reporting_none():
                       recipe=RecipeData("tiny", ps[:2], ps[:2], ps[2:], ps[2:]), progress=False)
     with pytest.raises(JudgeError, match="does not exist"):
         trainer.setup()
+
+
+def test_run_with_unusable_judge_exits_2_with_one_line(tmp_path, capsys):
+    from fastunlearn.cli import main
+    from tests.tiny_model import tiny_llama, tiny_tokenizer
+
+    tiny_llama(128).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    rows = "".join(json.dumps({"prompt": f"q {i}", "answer": f"a {i}"}) + "\n" for i in range(8))
+    (tmp_path / "pairs.jsonl").write_text(rows)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    rc = main(["run", "--quiet", "--out", str(out), f"model.name={tmp_path / 'model'}",
+               f"data.forget_file={tmp_path / 'pairs.jsonl'}",
+               f"data.normal_file={tmp_path / 'pairs.jsonl'}", "train.device=cpu",
+               "train.steps=1", "eval.judge=/nonexistent"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "judge '/nonexistent' does not exist" in err, err
+    assert not out.exists()

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastunlearn.config import ConfigError
+
 from .embeddings import EMBED_DIM, SentenceEmbedder, get_embedder
 
 JUDGE_DIR = Path(__file__).with_name("judge")
@@ -43,8 +45,9 @@ FEATURE_DIM = 2 * EMBED_DIM + 1
 FEATURES = "v2: [e(response), e(prompt) * e(response), cos(e(prompt), e(response))]"
 
 
-class JudgeError(ValueError):
-    """An unusable judge setting or judge files (one-line message)."""
+class JudgeError(ConfigError):
+    """An unusable judge setting or judge files (one-line message; a ConfigError, so every
+    command maps it to exit 2)."""
 
 
 def judge_text(prompt: str, response: str) -> str:
