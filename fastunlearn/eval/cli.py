@@ -170,6 +170,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     keys = ("harmful_rate", "harmful_rate_forget", "refusal_rate", "forget_nll", "normal_kl",
             "normal_rouge_l", "xstest_over_refusal", "degenerate_rate_harmful", "eval_seconds")
     print(" ".join(f"{k}={after[k]:.4g}" for k in keys if isinstance(after.get(k), float)))
+    if run is None:
+        print(f"held-out data: {held['source']} (never trained on by a run with the same recipe "
+              f"and seed and data.n_heldout >= that; pass --run for another run)")
     print(f"wrote {out / 'summary.md'}")
     return 0
 
