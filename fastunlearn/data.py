@@ -22,6 +22,7 @@ from .data_files import (  # noqa: F401  (re-exported)
     load_pairs,
     read_records,
     read_text,
+    with_user_text,
 )
 from .generation import answer_text, encode_prompt, ensure_pad_token
 from .losses.types import IGNORE_INDEX, KIND_FORGET, KIND_MISMATCH, KIND_NORMAL
@@ -148,6 +149,10 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
         raise DataError("tokenizer has no EOS token to end answers with")
     if not answer or not answer.strip():
         raise DataError(f"empty answer for prompt {_clip(prompt)!r}")
+    # A huge row is cut by characters first: tokenising it whole would cost memory and time
+    # for tokens that truncation drops anyway.
+    prompt = clip_to_tokens(prompt, max_length, keep_end=True)
+    answer = clip_to_tokens(answer, max_length)
     p_ids = encode_prompt(tokenizer, prompt)
     a_ids = _answer_ids(tokenizer, prompt, p_ids, answer)
     if not a_ids:
@@ -180,7 +185,7 @@ def format_example(tokenizer, prompt: str, answer: str, *, max_length: int,
 
 def _fit_prompt(tokenizer, prompt: str, budget: int) -> str:
     """The longest end of ``prompt`` whose rendered prompt takes at most ``budget`` tokens."""
-    frame = len(encode_prompt(tokenizer, ""))
+    frame = len(encode_prompt(tokenizer, with_user_text(prompt, "")))
     if frame >= budget:
         raise DataError(f"the prompt template alone takes {frame} tokens, leaving no room for "
                         f"the question in a {budget}-token prompt (raise max_prompt_length / "
@@ -188,7 +193,7 @@ def _fit_prompt(tokenizer, prompt: str, budget: int) -> str:
     content = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     keep = min(len(content), budget - frame)
     while keep > 0:  # re-rendering may merge tokens differently: shrink until it fits
-        cut = tokenizer.decode(content[len(content) - keep:])
+        cut = with_user_text(prompt, tokenizer.decode(content[len(content) - keep:]))
         over = len(encode_prompt(tokenizer, cut)) - budget
         if over <= 0:
             return cut

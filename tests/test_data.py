@@ -171,3 +171,34 @@ def test_collate_right_padding():
         assert b[k].dtype == torch.long
     with pytest.raises(DataError):
         collate([], pad_id=1)
+
+
+def test_truncation_keeps_the_earlier_turns_of_a_chat_prompt():
+    """A multi-turn prompt cut to its budget loses the start of its last user turn only."""
+    from fastunlearn.data_files import ChatPrompt
+
+    tok = tiny_tokenizer()
+    prompt = ChatPrompt((("user", "first question"), ("assistant", "first answer"),
+                         ("user", "x" * 200 + " the real question?")))
+    ids, _ = format_example(tok, prompt, "ok", max_length=120, max_prompt_length=100)
+    text = tok.decode(ids)
+    assert "first question" in text and "first answer" in text
+    assert text.count("<|im_start|>") == 4  # three turns and the assistant header
+    assert "the real question?" in text and "x" * 200 not in text
+
+
+def test_a_huge_row_is_cut_by_characters_before_tokenising(monkeypatch):
+    """A 5 MB answer costs what its kept tokens cost: the tokenizer never sees the whole text."""
+    tok = tiny_tokenizer()
+    seen = []
+    real_call = type(tok).__call__
+
+    def counting(self, text, *args, **kwargs):
+        seen.append(len(text) if isinstance(text, str) else 0)
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    ids, labels = format_example(tok, "q" * 5_000_000, "a" * 5_000_000, max_length=64)
+    assert len(ids) == 64 and max(seen) < 100_000
+    want, _ = format_example(tok, "q" * 2000, "a" * 2000, max_length=64)
+    assert ids == want
