@@ -130,3 +130,17 @@ def test_collect_main_limit_and_errors(tmp_path, tiny_dir, capsys):
     rc = main(["collect", "--prompts", str(tmp_path / "p.jsonl"), "--column", "goal",
                        "--batch-size", "0", "--out", str(bad_out)])
     assert rc == 2 and not bad_out.exists()
+
+
+def test_collect_default_output_beside_its_input(tmp_path, tiny_dir, monkeypatch, capsys):
+    """`collect --prompts x.forget.jsonl` in the input's folder: the default output name is the
+    input's own name, so it steps to a free one and the input is untouched."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "x.forget.jsonl"
+    src.write_text('{"prompt": "p1", "answer": "a1"}\n{"prompt": "p2", "answer": "a2"}\n')
+    before = src.read_bytes()
+    assert main(["collect", "--prompts", "x.forget.jsonl", "--model", str(tiny_dir),
+                 "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert "x-2.forget.jsonl" in capsys.readouterr().out
+    assert src.read_bytes() == before
+    assert len((tmp_path / "x-2.forget.jsonl").read_text().splitlines()) == 2
