@@ -39,7 +39,8 @@ MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Config keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ("out", "train.steps", "train.save_every", "train.threads", "eval")
+RESUMABLE_KEYS = ("out", "train.steps", "train.save_every", "train.keep_checkpoints",
+                  "train.checkpoint_dir", "train.threads", "eval")
 
 
 class CheckpointError(ValueError):
@@ -173,8 +174,10 @@ def _single_process_quiet():
         yield
 
 
-def save(root: str | Path, state: TrainState, *, fingerprint: str, keep: int = 1) -> Path:
-    """Write a checkpoint of ``state`` (collective: every rank calls it). Returns its folder."""
+def save(root: str | Path, state: TrainState, *, fingerprint: str, keep: int = 1,
+         extra: dict | None = None) -> Path:
+    """Write a checkpoint of ``state`` (collective: every rank calls it). Returns its folder.
+    ``extra``: JSON data kept with it (rank 0's; see :func:`read_meta`)."""
     import torch.distributed.checkpoint as dcp
 
     root = Path(root)
@@ -190,7 +193,7 @@ def save(root: str | Path, state: TrainState, *, fingerprint: str, keep: int = 1
     if is_main():
         meta = {"version": FORMAT_VERSION, "step": state.step, "fingerprint": fingerprint,
                 "world_size": world_size(), "scheduler": state.scheduler.state_dict(),
-                "data": state.data.state_dict()}
+                "data": state.data.state_dict(), "extra": extra or {}}
         (tmp / "meta.json").write_text(json.dumps(meta))
         (tmp / MANIFEST).write_text(json.dumps(_manifest_of(tmp)))
         _fsync_tree(tmp)
@@ -203,6 +206,11 @@ def save(root: str | Path, state: TrainState, *, fingerprint: str, keep: int = 1
             shutil.rmtree(p, ignore_errors=True)
     barrier()
     return final
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``meta.json`` of a finished checkpoint (``--resume DIR`` as for :func:`load`)."""
+    return json.loads((resolve(path) / "meta.json").read_text())
 
 
 def load(path: str | Path, state: TrainState, *, fingerprint: str) -> int:

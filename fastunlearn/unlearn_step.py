@@ -203,13 +203,15 @@ class UnlearnStep(nn.Module):
                             num_rows=(n_f, n_m, n_n if ref_hidden is not None else 0))
 
 
-def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, float, float]
-               ) -> dict:
+def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, float, float],
+               *, forward=None) -> dict:
     """Forward and backward of every micro-batch of one optimiser step on this rank.
 
     Normalisers are the per-kind token counts over all ranks and micro-batches; the gradient
     reduce-scatter runs once, after the last micro-batch. Returns the step's metrics, reduced
     over ranks: the summed loss, each term's mean over its tokens, and the global counts.
+    ``forward(inputs, coef)``: the call that runs ``step`` on one micro-batch (default
+    ``step`` itself; a caller may wrap it).
     """
     from .distributed import all_reduce_sum, global_kind_counts
 
@@ -218,7 +220,7 @@ def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, flo
     sums = torch.zeros(4, dtype=torch.float64)
     for i, inputs in enumerate(micro):
         set_gradient_sync(step, i == len(micro) - 1)
-        out = step(inputs, coef)
+        out = (forward or step)(inputs, coef)
         out.loss.backward()
         sums += torch.stack([t.detach().double().cpu() for t in
                              (out.loss, out.forget_nll, out.mismatch_nll, out.normal_kl)])
@@ -326,13 +328,15 @@ def clip_grad_norm(params, max_norm: float) -> float:
 
 
 def materialize_from_rank0(step: UnlearnStep, source: nn.Module | None,
-                           device: torch.device) -> None:
+                           device: torch.device, reference_source: nn.Module | None = None
+                           ) -> None:
     """Fill a step built on the meta device (and sharded) with the weights of ``source``.
 
     ``source`` is the model loaded on rank 0's host (None on every other rank): one full copy
     per job, not one per rank. Rank 0 broadcasts each tensor and every rank keeps its own
-    shard. A ``copy`` reference gets the same weights. Non-persistent buffers (rotary
-    frequencies), which no state dict holds, are broadcast from rank 0's model too.
+    shard. A ``copy`` reference gets the weights of ``reference_source`` (another model loaded
+    on rank 0), or else the same weights. Non-persistent buffers (rotary frequencies), which no
+    state dict holds, are broadcast from rank 0's model too.
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -343,11 +347,14 @@ def materialize_from_rank0(step: UnlearnStep, source: nn.Module | None,
         raise ValueError("rank 0 needs the source model")
     step.to_empty(device=device)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    models = [step.policy] + ([step.reference] if step.reference is not None else [])
-    for model in models:
+    pairs = [(step.policy, source)]
+    if step.reference is not None:
+        pairs.append((step.reference, reference_source if reference_source is not None
+                      else source))
+    for model, src_model in pairs:
         # A fresh dict each time: loading replaces its values with this rank's shards.
-        set_model_state_dict(model, source.state_dict() if is_main() else {}, options=opts)
-        src = dict(source.named_buffers()) if is_main() else {}
+        set_model_state_dict(model, src_model.state_dict() if is_main() else {}, options=opts)
+        src = dict(src_model.named_buffers()) if is_main() else {}
         for name, buf in model.named_buffers():
             if is_main():
                 buf.copy_(src[name])
