@@ -334,6 +334,8 @@ def validate(cfg: RunConfig) -> None:
         _at_least(d.n_forget, 1, "data.n_forget", none_ok=True, hint=" (none: all)"),
         _at_least(d.n_normal, 1, "data.n_normal", none_ok=True, hint=" (none: all)"),
         _at_least(d.n_heldout, 1, "data.n_heldout"),
+        (isinstance(d.mismatch_answers, int) and 1 <= d.mismatch_answers <= 64,
+         f"data.mismatch_answers must be in [1, 64], got {d.mismatch_answers!r}"),
         _at_least(d.max_length, 8, "data.max_length"),
         _at_least(d.max_prompt_length, 1, "data.max_prompt_length", none_ok=True),
         _at_least(lo.chunk_rows, 1, "loss.chunk_rows", none_ok=True, hint=" (none: automatic)"),
@@ -366,8 +368,12 @@ def validate(cfg: RunConfig) -> None:
          "model.reference must be auto, copy, adapters or cached"),
         (m.reference != "adapters" or m.lora,
          "model.reference=adapters needs model.lora=true"),
-        (m.reference != "copy" or not m.lora,
-         "model.lora=true takes model.reference=adapters or cached, not copy"),
+        (m.reference != "adapters" or not m.reference_name,
+         "model.reference=adapters uses the policy with its adapters off; it cannot also name "
+         "model.reference_name (use reference=copy or cached)"),
+        (m.reference != "copy" or not m.lora or m.reference_name,
+         "model.lora=true takes model.reference=adapters or cached, or copy with "
+         "model.reference_name"),
     ]
     for ok, msg in ranges + choices:
         if not ok:

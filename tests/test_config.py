@@ -83,3 +83,21 @@ def test_new_keys_defaults():
     assert cfg.model.trust_remote_code is False
     assert cfg.train.check_finite_every >= 1
     assert cfg.train.max_normal_kl > 0 and cfg.train.max_mismatch_nll > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.mismatch_answers=0"], "mismatch_answers must be in"),
+    (["data.mismatch_answers=65"], "mismatch_answers must be in"),
+    (["model.lora=true", "model.reference=adapters", "model.reference_name=other"],
+     "cannot also name"),
+    (["model.lora=true", "model.reference=copy"], "copy with model.reference_name"),
+])
+def test_reference_and_mismatch_combinations(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("default", overrides)
+
+
+def test_lora_with_a_named_copy_reference_is_accepted():
+    cfg = load_config("default", ["model.lora=true", "model.reference=copy",
+                                  "model.reference_name=other", "data.mismatch_answers=4"])
+    assert cfg.model.reference_name == "other" and cfg.data.mismatch_answers == 4
