@@ -14,10 +14,11 @@ NLL), a forward of the normal rows through the policy and through a full referen
 logits materialised, a full-vocabulary fp32 KL masked to valid tokens (the true KL, unlike the
 paper's code), one backward, AdamW (fused on CUDA, PyTorch's default foreach on CPU).
 
-impl ``ours...``: ``step.micro_batch_loss`` (one policy trunk pass over [forget; mismatch;
-normal], reference on the normal rows only, ignored rows dropped, fused loss backend picked by
-``auto``), gradient clipping, fused AdamW (CUDA and CPU, as the Trainer). Options appended to
-the name: ``+lora`` (peft adapters, reference = adapters disabled), ``+cached`` (cached
+impl ``ours...``: the ``Trainer``, set up by its own setup steps on the benchmark's model and
+rows, one ``train_step`` per step (draw the batch, one policy trunk pass over [forget; mismatch;
+normal] through ``UnlearnStep``, reference on the normal rows only, ignored rows dropped,
+fused loss backend picked by ``auto``, gradient clipping, fused AdamW on CUDA and CPU). Options
+appended to the name: ``+lora`` (peft adapters, reference = adapters disabled), ``+cached`` (cached
 reference, no reference model in memory), ``+bf16ref`` (reference copy in bf16), ``+ckpt``
 (activation checkpointing), ``+bf16w`` (bf16 weights instead of fp32 master weights),
 ``+sr`` (with ``+bf16w``: StochasticRoundingAdamW with bf16 moments instead of torch's
@@ -159,27 +160,6 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, attn: str):
     return model.train()
 
 
-def enable_checkpointing(model) -> None:
-    """Activation checkpointing, non-reentrant (works with frozen inputs / LoRA)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kw = {"use_reentrant": False}
-    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-    else:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-
-
-def wrap_lora(model):
-    from peft import LoraConfig, get_peft_model
-
-    from fastunlearn.config import ModelSection
-
-    m = ModelSection()  # the Trainer's defaults: r 16, alpha 32, every linear of the blocks
-    lcfg = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(m.lora_targets), task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
-
-
 def make_batch(b: int, t: int, vocab: int, seed: int = 0):
     """[forget; mismatch; normal] rows of random tokens, first T/4 of each row prompt."""
     from fastunlearn.batching import Batch
@@ -201,8 +181,8 @@ def _touch_torch(dev: torch.device) -> None:
 
 
 class _Row:
-    def __init__(self, input_ids, labels):
-        self.input_ids, self.labels, self.kind = input_ids, labels, 2
+    def __init__(self, input_ids, labels, kind):
+        self.input_ids, self.labels, self.kind = input_ids, labels, kind
 
 
 # -------------------------------------------------------------------------------- steps
@@ -231,28 +211,48 @@ def paper_step(policy, ref, batch, opt, eps, autocast):
     return loss.detach()
 
 
-def ours_step(policy, runner, batch, opt, weights, device, compute_dtype, backend, params):
-    from fastunlearn.step import micro_batch_loss
+def ours_trainer(policy, rows, opt_: dict, device: torch.device, compute_dtype: torch.dtype,
+                 backend: str, b: int):
+    """A Trainer set up by its own setup steps on the given model and rows (one step per
+    ``train_step``): the run's code path, not a copy of it."""
+    from fastunlearn.config import RunConfig
+    from fastunlearn.trainer import Trainer
 
-    out = micro_batch_loss(policy, runner, batch, weights, device=device,
-                           compute_dtype=compute_dtype, backend=backend)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the Trainer does (max_grad_norm 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return out.loss.detach()
+    cfg = RunConfig()
+    t, m = cfg.train, cfg.model
+    t.device, t.batch_size, t.lr, t.max_grad_norm = str(device), b, 2e-6, 1.0
+    t.steps = 10**6  # the linear schedule stays at lr for the few timed steps
+    t.precision = "bf16" if compute_dtype == torch.bfloat16 else "fp32"
+    t.optimizer = "adamw_sr" if opt_["sr"] else "adamw"
+    t.cpu_linear = "torch" if opt_["torchlin"] else "auto"
+    # Random weights: no finite check between steps, no divergence bound.
+    t.check_finite_every, t.max_normal_kl, t.max_mismatch_nll = 0, None, None
+    m.dtype = "bfloat16" if opt_["bf16w"] else "float32"
+    m.lora, m.lora_dropout = opt_["lora"], 0.0
+    m.reference = "cached" if opt_["cached"] else ("adapters" if opt_["lora"] else "copy")
+    m.reference_dtype = "bfloat16" if opt_["bf16ref"] else "auto"
+    m.gradient_checkpointing, m.lean_layers = opt_["ckpt"], opt_["lean"]
+    cfg.loss.backend = backend
+    cfg.eval.enabled, cfg.save_model = False, False
+    trainer = Trainer(cfg, model=policy, progress=False)
+    trainer.setup(rows_by_kind=rows, pad_id=0)
+    return trainer
+
+
+def batch_rows(batch) -> list[list]:
+    """The rows of a [forget; mismatch; normal] batch, by kind (the trainer's input)."""
+    rows = [[], [], []]
+    for i in range(batch.input_ids.shape[0]):
+        k = int(batch.kind[i])
+        rows[k].append(_Row(batch.input_ids[i].tolist(), batch.labels[i].tolist(), k))
+    return rows
 
 
 # ------------------------------------------------------------------------- one config
 def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: int,
                steps: int, backend: str = "auto", attn: str = "auto") -> dict:
     """Build, warm up, time. Returns one result row (no 'commit'/'torch' fields)."""
-    from fastunlearn.cpu_linear import use_onednn_linears
-    from fastunlearn.lean_layers import use_lean_layers
-    from fastunlearn.losses import resolve_backend
     from fastunlearn.models import frozen_copy, pick_attn_implementation
-    from fastunlearn.reference_cache import build_reference_cache
-    from fastunlearn.step import LossWeights, ReferenceRunner
 
     opt_ = parse_impl(impl)
     dev = torch.device(device)
@@ -287,51 +287,19 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
             return paper_step(policy, ref, batch, opt, eps, autocast)
         row.update(backend="hf", reference="copy", linear_gemm="torch")
     else:
-        cache = None
-        if opt_["lora"]:
-            for p in policy.parameters():
-                p.requires_grad_(False)
-            policy = wrap_lora(policy)
-        swapped = 0
-        if not cuda and compute_dtype == torch.float32:
-            swapped = use_onednn_linears(policy, "torch" if opt_["torchlin"] else "auto")
+        trainer = ours_trainer(policy, batch_rows(batch), opt_, dev, compute_dtype,
+                               opt_["backend"] or backend, b)
+        swapped = any(type(m) is torch.nn.Linear and "forward" in m.__dict__
+                      for m in trainer.policy.modules())
         row["linear_gemm"] = "onednn" if swapped else "torch"
-        if opt_["cached"]:
-            # Before step 1 the policy is the reference: build from it, no copy ever exists.
-            builder = ReferenceRunner(policy, None if opt_["lora"] else policy)
-            policy.eval()
-            normal = [_Row(batch.input_ids[i].tolist(), batch.labels[i].tolist())
-                      for i in range(2 * b, 3 * b)]
-            cache = build_reference_cache(builder, normal, device=dev,
-                                          compute_dtype=compute_dtype, batch_rows=b)
-            policy.train()
-            ref, reference = None, "cached"
-        elif opt_["lora"]:
-            ref, reference = None, "adapters"
-        else:
-            # a deep copy: the swapped (oneDNN) linears come along
-            ref = frozen_copy(policy, torch.bfloat16 if opt_["bf16ref"] else None)
-            reference = "copy-bf16" if opt_["bf16ref"] else "copy"
-        runner = ReferenceRunner(policy, ref, cache=cache)
-        if opt_["lean"]:
-            use_lean_layers(policy)
-        if opt_["ckpt"]:
-            enable_checkpointing(policy)
-        policy.train()
-        params = [p for p in policy.parameters() if p.requires_grad]
-        if opt_["sr"]:
-            from fastunlearn.optim import StochasticRoundingAdamW
-
-            opt = StochasticRoundingAdamW(params, lr=2e-6)
-        else:
-            opt = torch.optim.AdamW(params, lr=2e-6, fused=True)  # CPU too: ~7x foreach
-        weights = LossWeights(*eps)
-        chosen = resolve_backend(opt_["backend"] or backend, dev.type).name
+        reference = {"cached": "cached", "adapters": "adapters"}.get(
+            trainer.cfg.model.reference, "copy-bf16" if opt_["bf16ref"] else "copy")
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
 
         def step():
-            return ours_step(policy, runner, batch, opt, weights, dev, compute_dtype, chosen,
-                             params)
-        row.update(backend=chosen, reference=reference, optimizer=type(opt).__name__)
+            return trainer.train_step()["loss"]
+        row.update(backend=trainer.backend, reference=reference,
+                   optimizer=type(trainer.optimizer).__name__)
     row["trainable_params"] = sum(p.numel() for p in params)
 
     gc.collect()

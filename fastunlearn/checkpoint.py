@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Config keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("out", "train.steps", "train.save_every", "train.keep_checkpoints",
-                  "train.checkpoint_dir", "train.threads", "eval")
+                  "train.checkpoint_dir", "train.threads", "train.device", "eval")
 
 
 class CheckpointError(ValueError):
@@ -71,6 +71,11 @@ def config_fingerprint(config: dict, model_id: str = "", ignore=RESUMABLE_KEYS) 
         return out
     text = json.dumps({"config": strip(config), "model": model_id}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_fingerprint(cfg) -> str:
+    """The fingerprint of a run's config (a ``config.RunConfig``) and model."""
+    return config_fingerprint(cfg.to_dict(), cfg.model.name)
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -213,6 +218,24 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((resolve(path) / "meta.json").read_text())
 
 
+def check_resumable(path: str | Path, fingerprint: str) -> dict:
+    """The meta data of the checkpoint ``path`` names (see :func:`resolve`); CheckpointError
+    when it is unfinished, of another format, or written by another config or model. Cheap:
+    ``--resume DIR`` is checked before any model is loaded."""
+    folder = resolve(path)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{folder}: unreadable meta.json") from None
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: checkpoint format {meta.get('version')}, "
+                              f"this version reads {FORMAT_VERSION}")
+    if meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{folder} was written by another config or model "
+                              f"(fingerprint {meta.get('fingerprint')}, this run {fingerprint})")
+    return meta
+
+
 def load(path: str | Path, state: TrainState, *, fingerprint: str) -> int:
     """Restore ``state`` in place from a finished checkpoint (collective); returns its step.
 
@@ -224,13 +247,7 @@ def load(path: str | Path, state: TrainState, *, fingerprint: str) -> int:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     folder = resolve(path)
-    meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder}: checkpoint format {meta.get('version')}, "
-                              f"this version reads {FORMAT_VERSION}")
-    if meta["fingerprint"] != fingerprint:
-        raise CheckpointError(f"{folder} was written by another config or model "
-                              f"(fingerprint {meta['fingerprint']}, this run {fingerprint})")
+    meta = check_resumable(folder, fingerprint)
     target = _dcp_state(state)
     with _single_process_quiet():
         dcp.load(target, checkpoint_id=str(folder))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -27,9 +28,10 @@ class OneLineParser(argparse.ArgumentParser):
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's input or environment problems: one line, exit 2.
 
-    ValueError covers ConfigError, DataError, ModelError, OutputError, UnicodeDecodeError and
-    the argument errors of peft and transformers; OSError covers the filesystem (missing,
-    read-only, full); FloatingPointError is a run that diverged or became non-finite.
+    ValueError covers ConfigError, DataError, ModelError, OutputError, DistributedError,
+    CheckpointError, UnicodeDecodeError and the argument errors of peft and transformers;
+    OSError covers the filesystem (missing, read-only, full); FloatingPointError is a run that
+    diverged or became non-finite.
     """
     from .losses._build import ExtensionBuildError
     from .losses.registry import BackendUnavailableError
@@ -84,30 +86,71 @@ def _default_out_dir(cfg) -> Path:
 
 
 def cmd_run(args) -> int:
+    from . import checkpoint
+    from . import distributed as dist
     from .config import load_config
-    from .outputs import atomic_dir, check_writable_location, free_name
+    from .outputs import check_writable_location
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    # Launch problems before any work (and before waiting for other processes).
+    dist.check_launcher_env()
+    dist.check_rows_per_rank(cfg.train.batch_size, dist.env_world_size())
+    if args.resume:
+        checkpoint.check_resumable(args.resume, checkpoint.run_fingerprint(cfg))
     if args.quiet:
         _quiet_libraries()
     if args.out:
         cfg.out = args.out
-    out = Path(cfg.out) if cfg.out else free_name(_default_out_dir(cfg))
     if cfg.model.reference == "cached" and cfg.model.reference_cache_dir:
         check_writable_location(cfg.model.reference_cache_dir,
                                 "reference cache folder (model.reference_cache_dir)")
-    # Filled as a hidden sibling; only a finished run is renamed to the final name.
-    with atomic_dir(out) as work:
-        summary = Trainer(cfg, out, progress=not args.quiet).run(work)
+    if dist.env_world_size() > 1:
+        dist.init_from_env(cfg.train.device)
+    try:
+        with _claimed_output(cfg) as (out, work):
+            summary = Trainer(cfg, out, progress=not args.quiet, resume=args.resume).run(work)
+    finally:
+        dist.shutdown()
+    if not dist.is_main():
+        return 0
     after, before = summary.get("after", {}), summary.get("before", {})
     print(f"fastunlearn: {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
-          f"(backend {summary['backend']}, {summary['tokens_per_second']:.0f} tokens/s)")
+          f"(backend {summary['backend']}, {summary['tokens_per_second']:.0f} tokens/s"
+          + (f", {summary['processes']} processes" if summary.get("processes", 1) > 1 else "")
+          + ")")
     for key in ("forget_nll", "normal_kl", "harmful_rate"):
         if key in before and key in after and before[key] is not None and after[key] is not None:
             print(f"  {key}: {before[key]:.4f} -> {after[key]:.4f}")
     print(f"  report: {out / 'summary.md'}")
     return 0
+
+
+@contextlib.contextmanager
+def _claimed_output(cfg):
+    """``(out, work)``: the output folder and its hidden working folder, filled during the run
+    and renamed to ``out`` only when the run finishes (outputs.atomic_dir). With several
+    processes rank 0 alone claims and renames it and tells the others where it is."""
+    from . import distributed as dist
+    from .outputs import atomic_dir, free_name
+
+    with contextlib.ExitStack() as stack:
+        found = None
+        if dist.is_main():
+            out = Path(cfg.out) if cfg.out else free_name(_default_out_dir(cfg))
+            try:
+                found = (out, stack.enter_context(atomic_dir(out)))
+            except ValueError as exc:
+                if not dist.is_distributed():
+                    raise
+                dist.all_gather_objects((type(exc), str(exc)))
+                raise
+        if dist.is_distributed():
+            shared = dist.all_gather_objects(found)[0]
+            if not isinstance(shared[1], Path):  # rank 0 could not claim it
+                raise shared[0](shared[1])
+            found = shared
+        yield found
 
 
 def _quiet_libraries() -> None:
@@ -164,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="YAML file or bundled config name (default: default)")
     run.add_argument("--out", help="output directory (default: runs/<recipe>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue from a checkpoint (train.save_every) folder, or the newest "
+                          "one under DIR; same config and model, any number of processes")
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.set_defaults(func=cmd_run)
 

@@ -102,6 +102,12 @@ class TrainSection:
     # (per token, nats) exceeds this bound (None: no bound).
     max_normal_kl: float | None = 20.0
     max_mismatch_nll: float | None = 50.0
+    # Checkpoints (torch.distributed.checkpoint, resumable on any number of processes) every N
+    # optimizer steps (0: none), the newest K kept, in checkpoint_dir (default: <out>.checkpoints,
+    # next to the output folder). `fastunlearn run --resume DIR` continues from one.
+    save_every: int = 0
+    keep_checkpoints: int = 1
+    checkpoint_dir: str | None = None
 
 
 @dataclass
@@ -331,6 +337,8 @@ def validate(cfg: RunConfig) -> None:
          f"train.max_normal_kl must be > 0 or none, got {t.max_normal_kl!r}"),
         (t.max_mismatch_nll is None or t.max_mismatch_nll > 0,
          f"train.max_mismatch_nll must be > 0 or none, got {t.max_mismatch_nll!r}"),
+        _at_least(t.save_every, 0, "train.save_every", hint=" (0: no checkpoints)"),
+        _at_least(t.keep_checkpoints, 1, "train.keep_checkpoints"),
         _at_least(d.n_forget, 1, "data.n_forget", none_ok=True, hint=" (none: all)"),
         _at_least(d.n_normal, 1, "data.n_normal", none_ok=True, hint=" (none: all)"),
         _at_least(d.n_heldout, 1, "data.n_heldout"),

@@ -1,0 +1,202 @@
+"""The trainer and ``fastunlearn run`` on several processes; checkpoints and resume through the
+real CLI; the launch errors.
+
+Several processes: 2 gloo ranks forked after the imports (tests/dist_harness.py), or ``torchrun``
+itself (slow: fresh interpreters).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastunlearn import checkpoint as ckpt
+from fastunlearn.cli import main
+from tests.dist_harness import run_killed, run_ranks
+from tests.test_cli import base_args, tiny_dir  # noqa: F401 - the fixture
+from tests.test_trainer import make_trainer, tiny_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise comparisons: the same thread count in the parent as in forked children."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------ the trainer on two ranks
+def _train(opts: dict):
+    """Three steps of the Trainer (setup steps included); the gathered weights and losses."""
+    cfg = tiny_cfg(steps=3, batch_size=2, **opts.get("train", {}))
+    for k, v in opts.get("model", {}).items():
+        setattr(cfg.model, k, v)
+    trainer = make_trainer(cfg)
+    trainer.setup()
+    losses = [trainer.train_step()["loss"] for _ in range(3)]
+    return ckpt.full_state_dict(trainer.policy), losses, trainer.distributed
+
+
+TRAINER_CASES = {
+    "copy": {},
+    "cached": {"model": {"reference": "cached"}},
+    "lora": {"model": {"lora": True, "lora_r": 4}, "train": {"lr": 1e-2}},
+    "accum2-packed": {"train": {"grad_accum": 2, "packing": True}},
+}
+
+
+@pytest.mark.parametrize("name", list(TRAINER_CASES))
+def test_trainer_on_two_ranks_equals_one_process(name, one_thread):
+    """Meta build, rank-0 load, sharding, rank shares, all-reduced normalisers: the same
+    weights and losses as one process."""
+    opts = TRAINER_CASES[name]
+    one, losses1, sharded1 = _train(opts)
+    (two, losses2, sharded2), _ = run_ranks(_train, opts)
+    assert (sharded1, sharded2) == (False, True)
+    assert losses1[-1] != pytest.approx(losses1[0], abs=1e-3)  # the weights moved
+    worst = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
+    assert worst <= 1e-5, worst
+    assert losses1 == pytest.approx(losses2, abs=1e-5)
+
+
+# ------------------------------------------------------------ checkpoints and resume
+def _args(d, out, *extra):
+    return base_args(d, out) + ["train.steps=6", "eval.enabled=false", *extra]
+
+
+def _run_until(args: list[str], step: int, sig: int) -> None:
+    """``fastunlearn run`` that sends itself ``sig`` after training step ``step``."""
+    from fastunlearn.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def train_step(self):
+        row = real(self)
+        if self.step == step:
+            os.kill(os.getpid(), sig)
+        return row
+    Trainer.train_step = train_step
+    main(args)
+
+
+def _weights(out: Path) -> dict:
+    return load_file(out / "model" / "model.safetensors")
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_kill_equals_a_straight_run(tiny_dir, tmp_path, one_thread):  # noqa: F811
+    assert main(_args(tiny_dir, tmp_path / "straight")) == 0
+    out = tmp_path / "run"
+    killed = _args(tiny_dir, out, "train.save_every=3")
+    assert run_killed(_run_until, killed, 4, signal.SIGKILL) == -signal.SIGKILL
+    root = tmp_path / "run.checkpoints"  # next to the output, outside its working folder
+    assert ckpt.latest(root).name == "step-00000003"
+    assert not out.exists()
+    assert main(killed + ["--resume", str(root)]) == 0
+    straight, resumed = _weights(tmp_path / "straight"), _weights(out)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    assert _losses(out) == _losses(tmp_path / "straight")  # steps 1-3 kept, 4-6 recomputed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-00000003")
+
+
+def test_sigterm_writes_a_final_checkpoint(tiny_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    args = _args(tiny_dir, out, "train.save_every=100")
+    run_killed(_run_until, args, 2, signal.SIGTERM)
+    assert ckpt.latest(tmp_path / "run.checkpoints").name == "step-00000002"
+    assert not out.exists()
+
+
+def test_checkpoint_resumes_on_two_ranks(tiny_dir, tmp_path, one_thread):  # noqa: F811
+    """A checkpoint written by one process, resumed by the trainer on two."""
+    def resumed(root):
+        cfg = tiny_cfg(steps=4, batch_size=2)
+        trainer = make_trainer(cfg)
+        trainer.setup()
+        trainer.load_checkpoint(root)
+        while trainer.step < 4:
+            trainer.train_step()
+        return ckpt.full_state_dict(trainer.policy)
+
+    cfg = tiny_cfg(steps=4, batch_size=2, save_every=2, checkpoint_dir=str(tmp_path / "ck"))
+    trainer = make_trainer(cfg)
+    trainer.setup()
+    while trainer.step < 4:
+        trainer.train_step()
+        if trainer.step == 2:
+            trainer.save_checkpoint()
+    straight = trainer.policy.state_dict()
+    got = run_ranks(resumed, tmp_path / "ck")[0]
+    worst = max(float((straight[k] - got[k]).abs().max()) for k in straight)
+    assert worst <= 1e-5, worst
+
+
+# ------------------------------------------------------------------------ bad input
+def _one_line_error(args, capsys, message):
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_more_processes_than_rows_per_kind(tiny_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("WORLD_SIZE", "4")  # refused before waiting for the other processes
+    _one_line_error(_args(tiny_dir, tmp_path / "run", "train.batch_size=2"), capsys,
+                    "train.batch_size=2 rows per kind cannot be split over 4 processes")
+
+
+def test_accelerate_plugin_settings(tiny_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    _one_line_error(_args(tiny_dir, tmp_path / "run"), capsys, "accelerate plugin settings")
+
+
+def test_resume_from_another_config(tiny_dir, tmp_path, capsys):  # noqa: F811
+    assert main(_args(tiny_dir, tmp_path / "a", "train.save_every=6")) == 0
+    capsys.readouterr()
+    _one_line_error(_args(tiny_dir, tmp_path / "b", "train.lr=5e-4", "--resume",
+                          str(tmp_path / "a.checkpoints")), capsys,
+                    "was written by another config or model")
+    _one_line_error(_args(tiny_dir, tmp_path / "b", "--resume", str(tmp_path)), capsys,
+                    "no finished checkpoint")
+
+
+# ------------------------------------------------------------------------- torchrun
+@pytest.mark.slow
+def test_torchrun_two_processes_end_to_end(tiny_dir, tmp_path):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    args = base_args(tiny_dir, out) + ["train.batch_size=2", "eval.generate=true",
+                                       "eval.judge=none", "eval.max_new_tokens=4",
+                                       "eval.n_harmful=2", "eval.n_normal=2", "eval.n_xstest=0",
+                                       "eval.samples=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "fastunlearn", *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    assert summary["evaluation"]["generation"].startswith("rank 0")
+    assert summary["after"]["forget_nll"] > summary["before"]["forget_nll"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), original.parameters()))
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
