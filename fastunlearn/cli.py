@@ -110,9 +110,10 @@ def cmd_run(args) -> int:
     try:
         with _claimed_output(cfg) as (out, work):
             summary = Trainer(cfg, out, progress=not args.quiet, resume=args.resume).run(work)
+        main_process = dist.is_main()
     finally:
         dist.shutdown()
-    if not dist.is_main():
+    if not main_process:  # rank 0 reports
         return 0
     after, before = summary.get("after", {}), summary.get("before", {})
     print(f"fastunlearn: {summary['steps']} steps in {summary['wall_seconds']:.0f} s "
