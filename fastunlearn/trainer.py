@@ -125,6 +125,7 @@ class Trainer:
         self.eval_notes: dict[str, str] = {}
         self._saved_step = -1
         self._sigterm = False
+        self._lora_host = None
 
     # ----------------------------------------------------------------- setup
     def setup(self, rows_by_kind: list | None = None, pad_id: int | None = None) -> None:
@@ -326,7 +327,10 @@ class Trainer:
         mixed = fp32_weights and self.compute_dtype == torch.bfloat16
         shard(step, mp_policy=bf16_policy() if mixed else None)
         materialize_from_rank0(step, self._source, self.device, self._ref_source)
-        self._source = self._ref_source = None  # the host copy is no longer needed
+        # The host copy is no longer needed, except for LoRA: rank 0 merges the adapters into
+        # it when saving (the base weights are frozen, so they are still the host's).
+        self._lora_host = self._source if cfg.model.lora else None
+        self._source = self._ref_source = None
         if cached:
             ref_dtype = None if cfg.model.reference_dtype == "auto" else \
                 parse_dtype(cfg.model.reference_dtype)
@@ -619,8 +623,16 @@ class Trainer:
     # ------------------------------------------------------------------ save
     def save(self, out_dir: Path) -> None:
         self.check_model_finite()  # never save a broken model
-        if self.distributed:
+        if self.distributed and self._lora_host is None:
             checkpoint.save_hf(self.policy, self.tokenizer, out_dir / "model")
+            return
+        if self.distributed:  # LoRA: rank 0 saves its host model with the trained adapters
+            weights = checkpoint.full_state_dict(self.policy)
+            if dist.is_main():
+                self._lora_host.load_state_dict(weights)
+                save_model(self._lora_host, self.tokenizer, out_dir / "model",
+                           merge_lora=self.cfg.model.lora_merge_on_save)
+            dist.barrier()
             return
         save_model(self.policy, self.tokenizer, out_dir / "model",
                    merge_lora=self.cfg.model.lora_merge_on_save)

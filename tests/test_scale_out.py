@@ -69,6 +69,28 @@ def test_trainer_on_two_ranks_equals_one_process(name, one_thread):
     assert losses1 == pytest.approx(losses2, abs=1e-5)
 
 
+def _save_lora(out: Path):
+    cfg = tiny_cfg(steps=2, batch_size=2, lr=1e-2)
+    cfg.model.lora, cfg.model.lora_r, cfg.save_model = True, 4, True
+    trainer = make_trainer(cfg)
+    trainer.setup()
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save(out)
+
+
+def test_lora_on_two_ranks_saves_the_merged_model(tmp_path, one_thread):
+    from transformers import AutoModelForCausalLM
+
+    _save_lora(tmp_path / "one")
+    run_ranks(_save_lora, tmp_path / "two")
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
+    assert not any("lora" in k for k in two)
+    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert worst <= 1e-5, worst
+
+
 # ------------------------------------------------------------ checkpoints and resume
 def _args(d, out, *extra):
     return base_args(d, out) + ["train.steps=6", "eval.enabled=false", *extra]
