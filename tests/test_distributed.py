@@ -604,28 +604,47 @@ def perturbed(step: UnlearnStep) -> UnlearnStep:
 
 
 @pytest.mark.parametrize("ref", ["copy", "adapters", "cached"])
-def test_one_process_equals_the_single_process_step(ref):
-    """Unsharded, UnlearnStep computes what step.micro_batch_loss computes (loss, gradients)."""
+def test_mean_reduction_equals_sum_with_coefficients(ref):
+    """``step.micro_batch_loss`` (reduction mean, the one-call form used by evaluation and
+    tests) and training (sum with eps / token counts) give the same loss and gradients."""
     from fastunlearn.step import LossWeights, ReferenceRunner, kind_counts, micro_batch_loss
     from fastunlearn.unlearn_step import coefficients
 
     opts = {"ref": ref, "tie": False}
     batch = UnlearnBatcher(make_rows(), 4, pad_id=1, seed=0).next()
     step = perturbed(build(opts))
-    coef = coefficients(EPS, kind_counts(batch))
     out = step(prepare(batch, torch.device("cpu"), step.policy, getattr(step, "cache", None)),
-               coef)
+               coefficients(EPS, kind_counts(batch)))
     out.loss.backward()
     mine = {n: p.grad for n, p in step.policy.named_parameters() if p.requires_grad}
 
     base = perturbed(build(opts))
     runner = ReferenceRunner(base.policy, base.reference, cache=getattr(base, "cache", None))
-    want = micro_batch_loss(base.policy, runner, batch, LossWeights(*coef),
+    want = micro_batch_loss(base.policy, runner, batch, LossWeights(*EPS),
                             device=torch.device("cpu"), compute_dtype=torch.float32,
-                            backend="reference", reduction="sum")
+                            backend="reference")
     want.loss.backward()
-    assert float(out.normal_kl) > 1e-4  # the KL path is exercised
+    assert float(out.normal_kl.detach()) > 1e-4  # the KL path is exercised
     assert float(out.loss) == pytest.approx(float(want.loss), abs=1e-6)
     for n, p in base.policy.named_parameters():
         if p.requires_grad:
             assert torch.allclose(mine[n], p.grad, atol=1e-6, rtol=1e-5), n
+
+
+def test_copy_reference_with_another_head_form_is_refused():
+    """The fused loss computes both heads one way: a reference that scales its logits
+    differently from the policy would get a wrong KL."""
+    from tests.tiny_model import tiny_granite
+
+    step = UnlearnStep(tiny_granite(seed=0, logits_scaling=8.0),
+                       frozen_copy(tiny_granite(seed=0, logits_scaling=4.0)), backend="reference")
+    batch = UnlearnBatcher(make_rows(), 2, pad_id=1, seed=0).next()
+    with pytest.raises(ValueError, match="logit scale / soft-cap differ"):
+        step(prepare(batch, torch.device("cpu"), step.policy), coefficients_of(batch))
+
+
+def coefficients_of(batch):
+    from fastunlearn.step import kind_counts
+    from fastunlearn.unlearn_step import coefficients
+
+    return coefficients(EPS, kind_counts(batch))
