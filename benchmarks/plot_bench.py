@@ -1,4 +1,5 @@
-"""Plot a bench_loss JSON: milliseconds (p50, p20-p80 bars) and peak memory per provider.
+"""Plot a bench_loss JSON: milliseconds (p50, p20-p80 bars) and memory per provider (peak of
+the call; for the backends also forward peak, held between passes, backward peak).
 
     python benchmarks/plot_bench.py benchmarks/results/bench_loss_nvidia_h200.json [out.png]
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+MEMORY_KEYS = ("peak_gib", "fwd_peak_gib", "saved_gib", "bwd_peak_gib")
 
 
 def main(argv=None):
@@ -33,9 +36,17 @@ def main(argv=None):
         axes[0][j].bar(names, ms, yerr=err)
         axes[0][j].set_title(shape)
         axes[0][j].set_ylabel("ms (fwd+bwd)")
-        mem = [by[p]["peak_gib"] or 0 for p in names]
-        axes[1][j].bar(names, mem, color="tab:orange")
-        axes[1][j].set_ylabel("peak GiB above inputs")
+        # peak of the whole call, and where the backends' memory goes (forward peak, held
+        # between forward and backward, backward peak), side by side where recorded
+        keys = [k for k in MEMORY_KEYS if any(by[p].get(k) for p in names)]
+        width = 0.8 / max(len(keys), 1)
+        for i, key in enumerate(keys):
+            xs = [n + (i - (len(keys) - 1) / 2) * width for n in range(len(names))]
+            axes[1][j].bar(xs, [by[p].get(key) or 0 for p in names], width, label=key)
+        axes[1][j].set_xticks(range(len(names)), names)
+        axes[1][j].set_ylabel("GiB above inputs")
+        if keys:
+            axes[1][j].legend(fontsize=7)
         for ax in (axes[0][j], axes[1][j]):
             ax.tick_params(axis="x", rotation=45)
     device = rows[0].get("device", "") if rows else ""
