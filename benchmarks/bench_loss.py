@@ -12,7 +12,7 @@ Each backend row also records: the chunk plan, peak memory in the forward, memor
 forward and backward, peak in the backward (CUDA), the number of tensors of V x H elements or
 more allocated in the backward, and on CUDA the driver's per-phase times (logits, ref_logits,
 row_pass, dx, dw, glue). Repetitions scale with the time of one call, so p20 / p50 / p80 come
-from at least ten samples.
+from at least ten samples (five with --quick).
 
     python benchmarks/bench_loss.py                      # the four reference shapes (GPU)
     python benchmarks/bench_loss.py --quick              # fewer repetitions; one tiny shape on CPU
@@ -293,10 +293,11 @@ def run_shape(shape, providers, dtype, device, args, meta):
                 hidden.grad = weight.grad = None
             one_ms = _one_call_ms(fn, device)
             hidden.grad = weight.grad = None
-            p50, p20, p80 = time_fn(fn, device,
-                                    warmup_ms=max(args.warmup_ms, 2 * one_ms),
-                                    rep_ms=max(args.rep_ms, MIN_SAMPLES * 1.2 * one_ms),
+            samples = MIN_SAMPLES // 2 if args.quick else MIN_SAMPLES
+            p50, p20, p80 = time_fn(fn, device, warmup_ms=max(args.warmup_ms, one_ms),
+                                    rep_ms=max(args.rep_ms, samples * 1.2 * one_ms),
                                     grad_to_none=[hidden, weight])
+            row["min_samples"] = samples
             row.update(ms_p50=p50, ms_p20=p20, ms_p80=p80)
         except Exception as exc:  # one provider failing must not stop the others
             row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
