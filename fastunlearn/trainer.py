@@ -188,16 +188,17 @@ class Trainer:
         fused loss's head form; LoRA, lean layers, activation checkpointing."""
         cfg = self.cfg
         source = self._on_main(self._load_policy, share=False)
-        self.compute_dtype = pick_compute_dtype(
-            cfg.train.precision, self.device,
-            dist.all_gather_objects(_head_dtype(source))[0])
+        self.weights_dtype = dist.all_gather_objects(_head_dtype(source))[0]
+        self.compute_dtype = pick_compute_dtype(cfg.train.precision, self.device,
+                                                self.weights_dtype)
         self._on_main(lambda: self._check_policy(source))
         if cfg.model.lora:
             source = None if source is None else self._wrap_lora(source)
         if self.distributed:
             self._source = source  # rank 0's host weights, broadcast once the step is sharded
             config = dist.all_gather_objects(None if source is None else _config_of(source))[0]
-            self.policy = _meta_model(config, cfg.model.lora and self._wrap_lora)
+            self.policy = _meta_model(config, self.weights_dtype,
+                                      cfg.model.lora and self._wrap_lora)
         else:
             self.policy = source
         if cfg.model.lean_layers and not use_lean_layers(self.policy):
@@ -272,15 +273,19 @@ class Trainer:
         # LoRA: the adapters disabled serve as the reference; cached: before step 1 the
         # policy is the reference. Otherwise (or with a named reference) a model is loaded.
         want_ref = bool(cfg.model.reference_name) or not (cfg.model.lora or cached)
+        # Several processes, a copy of the policy: filled from rank 0's policy weights (cast
+        # to the reference dtype), no second host copy.
+        load_ref = want_ref and (bool(cfg.model.reference_name) or not self.distributed)
         main_ref = self._on_main(lambda: self._load_reference(ref_dtype, main_policy),
-                                 share=False) if want_ref else None
+                                 share=False) if load_ref else None
         if self.distributed:
             self._ref_source = main_ref
             self.reference = None
             if want_ref:
-                config = dist.all_gather_objects(
-                    None if main_ref is None else _config_of(main_ref))[0]
-                self.reference = frozen_copy(_meta_model(config), ref_dtype)
+                like = main_ref if cfg.model.reference_name else main_policy
+                config, dtype = dist.all_gather_objects(
+                    None if like is None else (_config_of(like), _head_dtype(like)))[0]
+                self.reference = frozen_copy(_meta_model(config, dtype), ref_dtype)
         else:
             self.reference = main_ref
         self._route_cpu_linears()
@@ -322,9 +327,8 @@ class Trainer:
         step = UnlearnStep(self.policy, self.reference, mode=mode, ref_head=placeholder,
                            backend=self.backend, chunk_rows=cfg.loss.chunk_rows,
                            compute_dtype=self.compute_dtype)
-        fp32_weights = _head_dtype(self._source) if dist.is_main() else None
-        fp32_weights = dist.all_gather_objects(fp32_weights)[0] == torch.float32
-        mixed = fp32_weights and self.compute_dtype == torch.bfloat16
+        # fp32 master weights with bf16 compute: FSDP gathers them in bf16 (MixedPrecision).
+        mixed = self.weights_dtype == torch.float32 and self.compute_dtype == torch.bfloat16
         shard(step, mp_policy=bf16_policy() if mixed else None)
         materialize_from_rank0(step, self._source, self.device, self._ref_source)
         # The host copy is no longer needed, except for LoRA: rank 0 merges the adapters into
@@ -899,13 +903,13 @@ def _config_of(model):
     return inner.config
 
 
-def _meta_model(config, wrap=None):
-    """The same architecture on the meta device (no memory), in the config's dtype; ``wrap``
-    applied (LoRA), so its structure matches rank 0's loaded model."""
+def _meta_model(config, dtype: torch.dtype, wrap=None):
+    """The same architecture on the meta device (no memory) in ``dtype``; ``wrap`` applied
+    (LoRA), so its structure matches rank 0's loaded model."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if wrap:
             model = wrap(model)
     return model.eval()

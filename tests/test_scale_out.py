@@ -50,6 +50,7 @@ def _train(opts: dict):
 TRAINER_CASES = {
     "copy": {},
     "cached": {"model": {"reference": "cached"}},
+    "bf16-reference": {"model": {"reference_dtype": "bfloat16"}},
     "lora": {"model": {"lora": True, "lora_r": 4}, "train": {"lr": 1e-2}},
     "accum2-packed": {"train": {"grad_accum": 2, "packing": True}},
 }
