@@ -77,7 +77,7 @@ fi
 
 # 3. loss benchmark (quick mode: fewer repetitions)
 step bench "${T_BENCH:-130}" "$PY" benchmarks/bench_loss.py --quick "${SHAPES[@]}" \
-    --providers naive,liger,chunked,triton,cuda,floor,rows
+    --providers naive,liger,chunked,triton,cuda,floor,chunked_floor,rows
 
 # 4. torch.compile baseline on the two smaller shapes (compile time is the cost)
 step bench_compile "${T_COMPILE:-45}" "$PY" benchmarks/bench_loss.py --quick \
