@@ -6,9 +6,11 @@
 
 Each world size is launched the way users launch runs: ``torchrun --standalone
 --nproc_per_node=W`` re-running this file as a worker; world size 1 is the same code without a
-process group (the plain single-process step). One step = ``batch`` rows of each kind (forget,
-mismatch, normal) of ``seq`` random tokens, the first quarter of each row prompt, split over the
-ranks (the global batch does not change with W), a frozen copy as reference, AdamW. Every rank
+process group (the plain single-process step). Every worker runs the Trainer (its setup steps,
+then ``train_step``). One step = ``batch`` rows of each kind (forget, mismatch, normal) of
+``seq`` random tokens, the first quarter of each row prompt, split over the ranks (the global
+batch does not change with W), a frozen copy as reference, gradient clipping, AdamW; bf16
+compute on CUDA (fp32 master weights), fp32 on CPU. Every rank
 prints one JSON line: median step seconds, global tokens / s, peak memory (CUDA: max allocated;
 CPU: the process's peak resident set, which includes the Python runtime).
 """
@@ -21,7 +23,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -62,53 +63,45 @@ def synthetic_rows(args):
 
 
 def worker(args) -> None:
+    """One rank: the Trainer, set up by its own setup steps (meta build and rank-0 load,
+    sharding, rank shares, optimizer after sharding), timed over ``train_step``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastunlearn import distributed as fdist
-    from fastunlearn.batching import UnlearnBatcher
-    from fastunlearn.models import frozen_copy
-    from fastunlearn.unlearn_step import UnlearnStep, accumulate, clip_grad_norm, prepare, shard
+    from fastunlearn.config import RunConfig
+    from fastunlearn.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     device = fdist.init_from_env(args.device)
+    mcfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                       intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                       num_attention_heads=max(1, args.hidden // 64) if args.hidden >= 64 else 2,
+                       max_position_embeddings=4 * args.seq, tie_word_embeddings=False,
+                       pad_token_id=1)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                      num_attention_heads=max(1, args.hidden // 64) if args.hidden >= 64 else 2,
-                      max_position_embeddings=4 * args.seq, tie_word_embeddings=False,
-                      pad_token_id=1)
-    policy = LlamaForCausalLM(cfg).to(device)
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-    step = UnlearnStep(policy, frozen_copy(policy), backend=args.backend, compute_dtype=compute)
-    if fdist.world_size() > 1:
-        shard(step)
-    step.train()
-    params = [p for p in step.policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    data = fdist.RankBatcher(UnlearnBatcher(synthetic_rows(args), args.batch, 1, seed=0,
-                                            bucket=False))
+    policy = LlamaForCausalLM(mcfg) if fdist.is_main() else None  # rank 0 holds the weights
+    cfg = RunConfig()
+    t = cfg.train
+    t.device, t.batch_size, t.lr, t.max_grad_norm = device.type, args.batch, 1e-5, 1.0
+    t.steps, t.bucket_by_length, t.cpu_linear = 10**6, False, "torch"
+    t.check_finite_every, t.max_normal_kl, t.max_mismatch_nll = 0, None, None
+    cfg.loss.backend = args.backend
+    cfg.eval.enabled, cfg.save_model = False, False
+    trainer = Trainer(cfg, model=policy, progress=False)
+    trainer.setup(rows_by_kind=synthetic_rows(args), pad_id=1)
     times, tokens = [], 0
     for i in range(args.steps + 1):
-        batch = data.next()
         fdist.barrier()
-        start = time.perf_counter()
-        accumulate(step, [prepare(batch, device, step.policy)], (0.5, 1.0, 1.0))
-        clip_grad_norm(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        fdist.barrier()
+        row = trainer.train_step()
         if i:  # the first step warms up
-            times.append(time.perf_counter() - start)
-            tokens += batch.real_tokens
-    global_tokens = int(fdist.all_reduce_sum(torch.tensor([float(tokens)]))[0])
+            times.append(row["step_seconds"])
+            tokens += row["tokens"]  # all ranks' tokens
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     med = statistics.median(times)
     print(json.dumps({"world": fdist.world_size(), "rank": fdist.rank(), "device": str(device),
-                      "step_s": round(med, 5),
-                      "tokens_per_s": round(global_tokens / sum(times), 1),
+                      "backend": trainer.backend, "step_s": round(med, 5),
+                      "tokens_per_s": round(tokens / sum(times), 1),
                       "peak_mib": round(peak / 2**20, 1)}), flush=True)
     fdist.shutdown()
 
