@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .log import get_logger
+
 MODES = ("auto", "onednn", "torch")
 _FASTER: dict[tuple[int, int, int], bool] = {}  # (in, out, rows) -> oneDNN wins
 
@@ -136,6 +138,7 @@ def use_onednn_linears(model: nn.Module, mode: str = "auto", rows: int = 256) ->
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     if mode == "torch" or not linears:
         return 0
+    total = len(linears)
     if mode == "auto":
         faster = {shape: onednn_is_faster(shape[1], shape[0], rows)
                   for shape in {tuple(m.weight.shape) for m in linears}}
@@ -144,6 +147,8 @@ def use_onednn_linears(model: nn.Module, mode: str = "auto", rows: int = 256) ->
         _ext()  # build errors surface here, not inside the first forward
     for m in linears:
         m.forward = types.MethodType(_forward, m)
+    get_logger(__name__).info(f"cpu_linear={mode}: {len(linears)} of {total} linear layers run "
+                              "through oneDNN")
     return len(linears)
 
 
@@ -153,7 +158,9 @@ def try_onednn_linears(model: nn.Module, rows: int = 256) -> int:
 
     try:
         return use_onednn_linears(model, "auto", rows)
-    except ExtensionBuildError:
+    except ExtensionBuildError as exc:
+        get_logger(__name__).info("cpu_linear=auto: the C++ extension is unavailable, linear "
+                                  f"layers keep torch's GEMMs ({str(exc).splitlines()[0]})")
         return 0
 
 

@@ -18,11 +18,12 @@ import contextlib
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .log import get_logger
 
 OWNER_FILE = ".fastunlearn-owner"
 
@@ -155,8 +156,8 @@ def _set_aside_killed(work: Path, out: Path) -> None:
     """The partial folder of a killed run: keep it under a new name and say so."""
     aside = free_name(work.with_name(f".{out.name}.killed-{time.strftime('%Y%m%d-%H%M%S')}"))
     os.rename(work, aside)
-    print(f"fastunlearn: note: an earlier run to {out} was killed; its partial folder is "
-          f"kept as {aside} (delete it when not needed)", file=sys.stderr)
+    get_logger(__name__).warning(f"note: an earlier run to {out} was killed; its partial "
+                                 f"folder is kept as {aside} (delete it when not needed)")
 
 
 def claim_dir(out: str | os.PathLike, what: str = "output folder") -> Path:

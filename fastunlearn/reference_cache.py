@@ -41,7 +41,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .log import get_logger
 from .losses.types import IGNORE_INDEX
+
+log = get_logger(__name__)
 
 CACHE_VERSION = 2
 _SAMPLES_PER_TENSOR = 4096
@@ -275,7 +278,10 @@ def load_or_build_cache(runner, rows, cache_dir: str | Path | None, *, device, c
     if path is not None and path.exists():
         cache = ReferenceCache.load(path)
         if cache.key == key and cache.n_rows == len(rows):
+            log.info(f"reference cache: reusing {path} ({len(rows)} normal rows)")
             return cache
+    log.info(f"reference cache: computing the reference hidden states of {len(rows)} normal "
+             "rows once" + (f", saved to {path}" if path is not None else " (kept in memory)"))
     cache = build_reference_cache(runner, rows, device=device, compute_dtype=compute_dtype,
                                   storage_dtype=storage_dtype, pad_id=pad_id,
                                   batch_rows=batch_rows, key=key)

@@ -27,6 +27,8 @@ import sys
 import threading
 from pathlib import Path
 
+from ..log import get_logger
+
 _LOCK = threading.Lock()
 _CACHE: dict[str, object] = {}
 _FAILED: dict[str, str] = {}
@@ -221,10 +223,11 @@ def _load_uncached(name, sources, cflags, cuda_cflags, ldflags, with_cuda, sourc
 
 
 def _compile(name, srcs, build_dir, cflags, cuda_cflags, ldflags, with_cuda):
-    # A first build can take minutes (280 s were seen on a busy 2-core machine): say so.
-    print(f"fastunlearn: compiling the {'CUDA' if with_cuda else 'C++'} extension {name!r} once "
-          f"(a few minutes, longer on a busy machine); later runs reuse {build_dir}",
-          file=sys.stderr, flush=True)
+    # A first build can take minutes (280 s were seen on a busy 2-core machine): say so, at
+    # warning level so that a program which never configured logging shows it too.
+    get_logger(__name__).warning(
+        f"compiling the {'CUDA' if with_cuda else 'C++'} extension {name!r} once (a few "
+        f"minutes, longer on a busy machine); later runs reuse {build_dir}")
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None:

@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+from fastunlearn import log
+
 HERE = Path(__file__).resolve().parent / "data"
 N_SELF = 256  # AdvBench prompts answered by the default model
 SELF_SEED = 1234
@@ -59,7 +61,7 @@ def generate_self(shared: Path, threads: int) -> None:
     model, tok = load_smollm2()
     pairs = collect_forget_set(model, tok, prompts, max_new_tokens=96, batch_size=16)
     write_pairs(pairs, HERE / "harmful_smollm2_answers.jsonl")
-    print(f"generated {len(pairs)} answers in {time.time() - t0:.0f} s")
+    log.get_logger(__name__).info(f"generated {len(pairs)} answers in {time.time() - t0:.0f} s")
 
 
 def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
@@ -123,7 +125,8 @@ def copy_sources(shared: Path) -> None:
             if prompt and answer:
                 hh.append({"prompt": prompt, "answer": answer})
     _write_jsonl_gz(HERE / "hh_rlhf_rejected_single_turn.jsonl.gz", hh)
-    print(f"copied sources; jbb {len(by_goal)} goals, hh {len(hh)} pairs")
+    log.get_logger(__name__).info(f"copied sources; jbb {len(by_goal)} goals, hh {len(hh)} "
+                                  "pairs")
 
 
 def main() -> None:
@@ -132,6 +135,7 @@ def main() -> None:
     ap.add_argument("--generate", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    log.configure("info")
     HERE.mkdir(exist_ok=True)
     copy_sources(args.shared)
     if args.generate:
