@@ -11,8 +11,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A bad configuration (one-line message)."""
@@ -108,6 +106,9 @@ class TrainSection:
     save_every: int = 0
     keep_checkpoints: int = 1
     checkpoint_dir: str | None = None
+    # Each step's metrics also to <out>/tensorboard/ (needs `pip install tensorboard`) | none:
+    # metrics.jsonl only (written either way)
+    report_to: str = "none"
 
 
 @dataclass
@@ -195,6 +196,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if tp is list or origin is list:
         if isinstance(value, str):
+            import yaml  # the train extra; not needed to describe the options (--help)
+
             value = yaml.safe_load(value) if value.startswith("[") else \
                 [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
@@ -265,6 +268,8 @@ def bundled_config_names() -> list[str]:
 
 
 def read_yaml(path_or_name: str) -> tuple[dict, str]:
+    import yaml  # the train extra; not needed to describe the options (--help)
+
     path = Path(path_or_name)
     if not path.exists() and path_or_name in bundled_config_names():
         text = (resources.files("fastunlearn.configs") / f"{path_or_name}.yaml").read_text()
@@ -366,6 +371,7 @@ def validate(cfg: RunConfig) -> None:
          "train.cpu_linear must be auto, onednn or torch"),
         (t.optimizer in ("auto", "adamw", "adamw_sr"),
          "train.optimizer must be auto, adamw or adamw_sr"),
+        (t.report_to in ("none", "tensorboard"), "train.report_to must be none or tensorboard"),
         (d.kl_tokens in ("answer", "all"), "data.kl_tokens must be 'answer' or 'all'"),
         (m.dtype in _DTYPE_NAMES, f"model.dtype must be one of {', '.join(_DTYPE_NAMES)}"),
         (m.reference_dtype in _DTYPE_NAMES,
@@ -388,10 +394,24 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(msg)
 
 
-def describe_options() -> str:
-    """Every key with its default, for ``--help``."""
-    lines = []
+def describe_options(config: str = "default") -> str:
+    """Every key with the value a run takes when no file sets it, for ``--help``: the value of
+    the bundled ``config`` (``run``'s default --config), and the built-in default of the
+    dataclasses too where they differ. Without PyYAML (no train extra) the built-in defaults."""
+    built_in = RunConfig()
+    try:
+        bundled: RunConfig | None = load_config(config)
+    except ImportError:
+        bundled = None
+    lines = [f"  (as the bundled config {config!r} sets them; `fastunlearn configs {config}` "
+             "prints it)" if bundled else "  (built-in defaults; the bundled configs need "
+             "PyYAML: pip install 'fastunlearn[train]')"]
     for key, (section, name) in _all_keys().items():
-        owner = RunConfig() if section is None else getattr(RunConfig(), section)
-        lines.append(f"  {key} = {getattr(owner, name)!r}")
+        default = getattr(built_in if section is None else getattr(built_in, section), name)
+        if bundled is None:
+            lines.append(f"  {key} = {default!r}")
+            continue
+        value = getattr(bundled if section is None else getattr(bundled, section), name)
+        lines.append(f"  {key} = {value!r}"
+                     + ("" if value == default else f" (built-in default {default!r})"))
     return "\n".join(lines)
