@@ -206,6 +206,10 @@ class RankBatcher:
         return self.batcher.collate([d.part(share(len(d.picked), self.rank, self.world))
                                      for d in draws])
 
+    @property
+    def pack(self) -> bool:
+        return self.batcher.pack
+
     # The position of the global stream: the same on every rank.
     def state_dict(self) -> dict:
         return {"draws": self.batcher.draws,

@@ -9,10 +9,10 @@ several processes), each process draws its share of the same global batch
 (``distributed.RankBatcher``), and the per-kind token counts that normalise the loss are summed
 over processes and micro-batches, so gradient accumulation and sharding are exact.
 
-Setup is a sequence of named steps, also used by ``benchmarks/bench_train_step.py``:
-``setup_runtime`` (device, processes, backend), ``setup_data`` (rows), ``setup_policy``,
-``setup_reference`` (and the sharded step module), ``setup_batches``, ``setup_optimizer``,
-``setup_evaluation``.
+Setup is a sequence of named steps, also used by the benchmarks: ``setup_runtime`` (device,
+processes, backend), ``setup_data`` (pairs), ``setup_policy`` (and the rows, tokenised with its
+tokenizer), ``setup_reference`` (and the sharded step module), ``setup_batches``,
+``setup_optimizer``, ``setup_evaluation``.
 """
 from __future__ import annotations
 
@@ -164,30 +164,35 @@ class Trainer:
         self.backend = resolve_backend(cfg.loss.backend, self.device.type).name
 
     def setup_data(self, rows_by_kind: list | None = None, pad_id: int | None = None) -> None:
-        """The training rows of each kind (read before the model: a bad file fails in a second,
-        not a minute)."""
-        from .data import ensure_pad_token
-        from .inputs import load_training_data, tokenize_all
-        from .models import load_tokenizer
+        """The training pairs, read before the model (a bad file fails in a second, not a
+        minute); they are tokenised with the model's tokenizer in :meth:`setup_policy`. Or
+        rows already tokenised, with their pad id (benchmarks)."""
+        from .inputs import load_training_data
 
-        if rows_by_kind is not None:
-            self.recipe, self.tokenizer = self._recipe, self._tokenizer
-            self.rows_by_kind, self.pad_id = rows_by_kind, pad_id
-            return
-        cfg = self.cfg
-        self.recipe = self._recipe or load_training_data(cfg.data)
-        self.tokenizer = self._tokenizer or load_tokenizer(
-            cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-        ensure_pad_token(self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id
-        self.rows_by_kind = tokenize_all(self.tokenizer, self.recipe, cfg.data)
+        self.recipe, self.tokenizer = self._recipe, self._tokenizer
+        self.rows_by_kind, self.pad_id = rows_by_kind, pad_id
+        if rows_by_kind is None:
+            self.recipe = self._recipe or load_training_data(self.cfg.data)
+
+    def _tokenize(self, tokenizer) -> None:
+        from .data import ensure_pad_token
+        from .inputs import tokenize_all
+
+        ensure_pad_token(tokenizer)
+        self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
+        self.rows_by_kind = tokenize_all(tokenizer, self.recipe, self.cfg.data)
 
     def setup_policy(self) -> None:
         """The policy on its device (one process) or built on the meta device with rank 0
         holding the loaded weights on its host (several); checked against the data and the
         fused loss's head form; LoRA, lean layers, activation checkpointing."""
+        from .models import load_tokenizer
+
         cfg = self.cfg
-        source = self._on_main(self._load_policy, share=False)
+        source, tokenizer = self._on_main(self._load_policy, share=False) or (None, None)
+        if self.rows_by_kind is None:
+            self._tokenize(self._tokenizer or tokenizer or load_tokenizer(
+                cfg.model.name, trust_remote_code=cfg.model.trust_remote_code))
         self.weights_dtype = dist.all_gather_objects(_head_dtype(source))[0]
         self.compute_dtype = pick_compute_dtype(cfg.train.precision, self.device,
                                                 self.weights_dtype)
@@ -211,15 +216,15 @@ class Trainer:
                 self.policy.enable_input_require_grads()
 
     def _load_policy(self):
+        """(model, tokenizer) on this process's device, or rank 0's host with several."""
         cfg = self.cfg
         host = torch.device("cpu") if self.distributed else self.device
         if self._model is not None:
-            return self._model.to(host)
-        model, _ = load_model_and_tokenizer(
+            return self._model.to(host), self._tokenizer
+        return load_model_and_tokenizer(
             cfg.model.name, dtype=cfg.model.dtype, device=host,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code)
-        return model
 
     def _check_policy(self, policy) -> None:
         rows = self.rows_by_kind
