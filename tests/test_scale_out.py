@@ -70,6 +70,27 @@ def test_trainer_on_two_ranks_equals_one_process(name, one_thread):
     assert losses1 == pytest.approx(losses2, abs=1e-5)
 
 
+def _nan_on_rank_1():
+    """A NaN in rank 1's shard only: every rank stops, naming the parameter."""
+    import torch.distributed as torch_dist
+
+    trainer = make_trainer(tiny_cfg(batch_size=2))
+    trainer.setup()
+    if torch_dist.get_rank() == 1:
+        with torch.no_grad():
+            trainer.policy.model.layers[1].mlp.up_proj.weight.to_local()[0, 0] = float("nan")
+    try:
+        trainer.check_parameters_finite("after step 1")
+    except FloatingPointError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_non_finite_shard_stops_every_rank():
+    got = run_ranks(_nan_on_rank_1)
+    assert all(m and "model.layers.1.mlp.up_proj.weight is not finite" in m for m in got), got
+
+
 def _save_lora(out: Path):
     cfg = tiny_cfg(steps=2, batch_size=2, lr=1e-2)
     cfg.model.lora, cfg.model.lora_r, cfg.save_model = True, 4, True
