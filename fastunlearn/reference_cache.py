@@ -281,7 +281,7 @@ def load_or_build_cache(runner, rows, cache_dir: str | Path | None, *, device, c
             log.info(f"reference cache: reusing {path} ({len(rows)} normal rows)")
             return cache
     log.info(f"reference cache: computing the reference hidden states of {len(rows)} normal "
-             "rows once" + (f", saved to {path}" if path is not None else " (kept in memory)"))
+             "rows once" + (f", saved as {path.name}" if path is not None else " (kept in memory)"))
     cache = build_reference_cache(runner, rows, device=device, compute_dtype=compute_dtype,
                                   storage_dtype=storage_dtype, pad_id=pad_id,
                                   batch_rows=batch_rows, key=key)
