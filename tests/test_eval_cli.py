@@ -91,3 +91,25 @@ def test_harmful_rate_on_harmbench_and_on_the_heldout_forget_prompts(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| harmful_rate_forget | - | 1 |" in md and "## Evaluation data" in md
     assert "held-out forget prompts (2)" in md
+
+
+def test_eval_refuses_a_taken_output_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    """An existing file or a finished run as --out is one line, and no model is loaded."""
+    loads = []
+    monkeypatch.setattr(eval_cli, "_load", lambda spec, device: loads.append(spec))
+    taken = tmp_path / "finished"
+    taken.mkdir()
+    (taken / "summary.json").write_text("{}")
+    afile = tmp_path / "a.txt"
+    afile.write_text("x")
+    for out in (taken, afile):
+        rc = eval_cli.eval_main(["--model", "orig", "--device", "cpu", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert loads == [] and (taken / "summary.json").read_text() == "{}"
+
+
+def test_eval_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        eval_cli.eval_main(["--no-such-flag"])
+    assert exit_.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

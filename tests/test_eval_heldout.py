@@ -104,3 +104,17 @@ def test_old_run_folder_is_split_again_from_its_config(tmp_path):
     assert data.heldout_forget == trainer.recipe.heldout_forget
     assert data.heldout_normal == trainer.recipe.heldout_normal
     assert info["max_length"] == 56
+
+
+def test_heldout_file_keeps_a_chat_prompts_earlier_turns(tmp_path):
+    from fastunlearn.data import Pair, RecipeData
+    from fastunlearn.data_files import ChatPrompt
+    from fastunlearn.eval.heldout import write_heldout
+
+    chat = ChatPrompt((("user", "hi"), ("assistant", "hello"), ("user", "and then?")))
+    data = RecipeData("mine", [], [], [Pair(chat, "an answer", False)], [Pair("q?", "a.")])
+    write_heldout(tmp_path, data, DataSection())
+    back, _ = read_heldout(tmp_path)
+    [pair] = back.heldout_forget
+    assert pair.prompt.turns == chat.turns and pair.complete is False
+    assert back.heldout_normal[0].prompt == "q?"

@@ -30,8 +30,10 @@ _DEFAULT_N_HELDOUT = DataSection().n_heldout
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastunlearn.cli import OneLineParser
+
     d = EvalConfig()
-    p = argparse.ArgumentParser(prog="fastunlearn eval", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="fastunlearn eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None,
                    help='model dir, .gguf file or "smollm2" (default with --run: <run>/model)')
     p.add_argument("--run", default=None,
@@ -127,7 +129,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     from fastunlearn.report import write_report
 
     t0 = time.perf_counter()
+    from fastunlearn.outputs import atomic_dir, check_target_dir
+
     try:
+        out = check_target_dir(_output_dir(args))  # refused before any model loads
         run = _run_dir(args)
         if args.model is None and run is None:
             raise HeldoutError("give --model or --run")
@@ -155,7 +160,6 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     evals.append({"step": after["step"], **after})
-    out = _output_dir(args)
     summary = {
         "steps": None, "wall_seconds": time.perf_counter() - t0, "backend": None,
         "tokens_per_second": None, "config": {**vars(args), "eval": vars(cfg)},
@@ -163,8 +167,6 @@ def eval_main(argv: list[str] | None = None) -> int:
         "heldout_source": held["source"], "run": str(run) if run is not None else None,
         "before": before, "after": after, "evals": evals, "stopped_early": False,
     }
-    from fastunlearn.outputs import atomic_dir
-
     with atomic_dir(out) as work:  # a new or empty folder, written whole (never over a run)
         write_report(work, summary, [])
     keys = ("harmful_rate", "harmful_rate_forget", "refusal_rate", "forget_nll", "normal_kl",

@@ -61,8 +61,9 @@ class SentenceEmbedder:
 
         # Offline: the folder is complete; never let transformers reach for the Hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32,
+                                          trust_remote_code=False)
         return cls(model, tok, device)
 
     @torch.no_grad()

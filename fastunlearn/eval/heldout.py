@@ -27,8 +27,9 @@ class HeldoutError(ValueError):
 
 
 def _pairs_json(pairs) -> list[dict]:
-    return [{"prompt": p.prompt, "answer": p.answer, "complete": bool(p.complete)}
-            for p in pairs]
+    from fastunlearn.data_files import pair_record
+
+    return [pair_record(p) for p in pairs]  # a chat prompt keeps its earlier turns
 
 
 def write_heldout(folder: Path, data, data_section) -> Path:
@@ -55,12 +56,12 @@ def write_heldout(folder: Path, data, data_section) -> Path:
 
 
 def _pairs(rows, path: Path, key: str) -> list:
-    from fastunlearn.data import Pair
+    from fastunlearn.data_files import record_pair
 
     try:
-        return [Pair(str(r["prompt"]), str(r["answer"]), bool(r.get("complete", True)))
-                for r in rows]
-    except (TypeError, KeyError) as e:
+        return [record_pair(r, source=path, where=f"{key} record {i}")
+                for i, r in enumerate(rows)]
+    except (TypeError, KeyError, AttributeError) as e:
         raise HeldoutError(f"{path}: bad {key} row ({type(e).__name__}: {e})") from None
 
 

@@ -167,8 +167,9 @@ class HFClassifierJudge:
 
         path = Path(path)
         check_judge_spec(str(path))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval().to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), trust_remote_code=False).eval().to(device)
         self.device, self.threshold, self.max_length = torch.device(device), threshold, max_length
         self.harmful_ids = self._resolve(self.model.config, harmful_labels or [])
 
