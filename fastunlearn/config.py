@@ -392,6 +392,10 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in ranges + choices:
         if not ok:
             raise ConfigError(msg)
+    if e.enabled:  # a judge path that cannot load fails here, not after the model has loaded
+        from .eval.judge import check_judge_spec
+
+        check_judge_spec(e.judge)
 
 
 def describe_options(config: str = "default") -> str:

@@ -101,3 +101,10 @@ def test_lora_with_a_named_copy_reference_is_accepted():
     cfg = load_config("default", ["model.lora=true", "model.reference=copy",
                                   "model.reference_name=other", "data.mismatch_answers=4"])
     assert cfg.model.reference_name == "other" and cfg.data.mismatch_answers == 4
+
+
+def test_an_unusable_judge_fails_in_validation(tmp_path):
+    """Before any data or model loads; eval.enabled=false skips the judge entirely."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("default", [f"eval.judge={tmp_path / 'missing'}"])
+    assert load_config("default", [f"eval.judge={tmp_path / 'missing'}", "eval.enabled=false"])
