@@ -869,10 +869,23 @@ class Trainer:
             self.eval_notes["generation"] = "skipped: save_model=false (it runs on the saved " \
                                             "model)"
             return after
+        weights = sum(_local(p).numel() * p.element_size() for p in self.policy.parameters())
+        weights = dist.all_reduce_sum(torch.tensor(float(weights)))
+        if float(weights) > checkpoint.GATHER_LIMIT_BYTES:
+            self.eval_notes["generation"] = (
+                "skipped: the model is above the size one process loads whole; run "
+                "`fastunlearn eval` on the saved model")
+            return after
         self.eval_notes["generation"] = "rank 0, on the saved model, after training"
         if not dist.is_main():
             return after
-        full = self._generation_metrics_on_main(work_dir / "model")
+        try:
+            full = self._generation_metrics_on_main(work_dir / "model")
+        except (ValueError, OSError, RuntimeError) as exc:  # OOM included: keep the run
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self.eval_notes["generation"] = f"failed on rank 0 ({why}); the model is saved"
+            warnings.warn(f"generation metrics on rank 0 failed: {why}", stacklevel=2)
+            return after
         self.evals.append({"step": self.step, **full})
         return {**full, **(after or {})}
 

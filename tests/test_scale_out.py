@@ -70,6 +70,21 @@ def test_trainer_on_two_ranks_equals_one_process(name, one_thread):
     assert losses1 == pytest.approx(losses2, abs=1e-5)
 
 
+def test_named_reference_on_two_ranks_equals_one_process(tmp_path, one_thread):
+    """Another model as reference: rank 0 loads it too, and fills the sharded copy."""
+    from tests.tiny_model import tiny_llama, tiny_tokenizer
+
+    tiny_llama(128, seed=1).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    opts = {"model": {"reference_name": str(tmp_path)}}
+    one, losses1, _ = _train(opts)
+    (two, losses2, _), _ = run_ranks(_train, opts)
+    assert losses1[0] != pytest.approx(_train({})[1][0], abs=1e-3)  # the KL sees the other model
+    worst = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
+    assert worst <= 1e-5, worst
+    assert losses1 == pytest.approx(losses2, abs=1e-5)
+
+
 def _nan_on_rank_1():
     """A NaN in rank 1's shard only: every rank stops, naming the parameter."""
     import torch.distributed as torch_dist
