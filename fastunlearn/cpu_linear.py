@@ -14,6 +14,7 @@ back to ``F.linear`` for anything but fp32 CPU tensors outside autocast.
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 import types
 
@@ -24,7 +25,10 @@ from torch import nn
 from .log import get_logger
 
 MODES = ("auto", "onednn", "torch")
-_FASTER: dict[tuple[int, int, int], bool] = {}  # (in, out, rows) -> oneDNN wins
+# What a layer runs per step: the forward GEMM only (a frozen reference under no_grad), the
+# forward and dX (a frozen layer that gradients pass through: LoRA base layers), or all three.
+GEMMS = ("forward", "forward+dx", "forward+dx+dw")
+_FASTER: dict[tuple[int, int, int, str], bool] = {}  # (in, out, rows, gemms) -> oneDNN wins
 
 
 @functools.cache  # called on every linear forward / backward; a failed build is not cached
@@ -76,19 +80,43 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 # Work per timing call is capped so that vocabulary-sized heads do not make ``auto`` slow.
 _TIMING_FLOP_BUDGET = 2e9
+_TIMING_ROUNDS = 7
 
 
-def onednn_is_faster(in_features: int, out_features: int, rows: int = 256) -> bool:
-    """Whether oneDNN runs this layer's step faster than torch's GEMMs (once per shape).
+def _median_ratio(first, second, rounds: int) -> float:
+    """Median over interleaved rounds of time(first) / time(second), the order alternating.
 
-    Times what training runs for a (rows, in) input: the forward ``x W^T`` and both backward
-    GEMMs, ``dX = dY W`` and ``dW = dY^T X``, in each library; their sum decides. A single
-    forward shape is not enough: the backward GEMMs have other layouts, and on some CPUs the
-    libraries rank differently on them.
+    Why paired rounds: on a shared machine a burst of other load during one library's timing
+    would decide for the other one; each round compares the two under the same load, and the
+    median ignores the rounds that a burst hit anyway."""
+    first(), second()  # warm-up: oneDNN primitive creation, first-touch of the outputs
+    ratios = []
+    for i in range(rounds):
+        times = {}
+        for name, fn in ((("a", first), ("b", second)) if i % 2 == 0
+                         else (("b", second), ("a", first))):
+            start = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - start
+        ratios.append(times["a"] / max(times["b"], 1e-9))
+    return statistics.median(ratios)
+
+
+def onednn_is_faster(in_features: int, out_features: int, rows: int = 256,
+                     gemms: str = "forward+dx+dw") -> bool:
+    """Whether oneDNN runs this layer's GEMMs faster than torch's (once per shape and use).
+
+    Times what the layer runs for a (rows, in) input: the forward ``x W^T`` and, as ``gemms``
+    says, the backward GEMMs ``dX = dY W`` and ``dW = dY^T X``, in each library; their sum
+    decides. A single forward shape is not enough: the backward GEMMs have other layouts, and
+    on some CPUs the libraries rank differently on them. The two libraries are timed in
+    alternating rounds and the median ratio decides (see ``_median_ratio``).
     """
+    if gemms not in GEMMS:
+        raise ValueError(f"gemms must be one of {', '.join(GEMMS)}, got {gemms!r}")
     flop_rows = int(_TIMING_FLOP_BUDGET / (2 * in_features * out_features))
     rows = max(16, min(rows, flop_rows))
-    key = (in_features, out_features, rows)
+    key = (in_features, out_features, rows, gemms)
     if key not in _FASTER:
         ext = _ext()
         if ext.gemm_engine() != "onednn":
@@ -101,37 +129,42 @@ def onednn_is_faster(in_features: int, out_features: int, rows: int = 256) -> bo
         y = torch.empty(rows, out_features)
         dx = torch.empty(rows, in_features)
         dw = torch.empty(out_features, in_features)
+        need_dx, need_dw = "dx" in gemms, "dw" in gemms
 
         def onednn():
             ext.gemm(x, w.t(), y, 0.0)
-            ext.gemm(dy, w, dx, 0.0)
-            ext.gemm(dy.t(), x, dw, 0.0)
+            if need_dx:
+                ext.gemm(dy, w, dx, 0.0)
+            if need_dw:
+                ext.gemm(dy.t(), x, dw, 0.0)
 
         def torch_blas():
             torch.mm(x, w.t(), out=y)
-            torch.mm(dy, w, out=dx)
-            torch.mm(dy.t(), x, out=dw)
+            if need_dx:
+                torch.mm(dy, w, out=dx)
+            if need_dw:
+                torch.mm(dy.t(), x, out=dw)
 
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        _FASTER[key] = best(onednn) < best(torch_blas)
+        _FASTER[key] = _median_ratio(onednn, torch_blas, _TIMING_ROUNDS) < 1.0
     return _FASTER[key]
+
+
+def layer_gemms(layer: nn.Linear, model_trains: bool) -> str:
+    """The GEMMs ``layer`` runs in a training step (a key of ``GEMMS``): dW only for a weight
+    that trains, dX when anything in the model trains (gradients pass through frozen layers
+    to trainable ones before them), the forward alone in a fully frozen model (a reference)."""
+    if layer.weight.requires_grad:
+        return "forward+dx+dw"
+    return "forward+dx" if model_trains else "forward"
 
 
 def use_onednn_linears(model: nn.Module, mode: str = "auto", rows: int = 256) -> int:
     """Route the model's ``nn.Linear`` layers through oneDNN; returns how many were swapped.
 
-    ``auto`` decides per weight shape, from the forward and backward GEMMs of ``rows`` input
-    rows (the tokens of a micro-batch): a layer is swapped when oneDNN runs its step faster
-    (and the extension uses oneDNN at all); ``onednn`` swaps every layer (if the extension
-    builds); ``torch`` none.
+    ``auto`` decides per weight shape and use (``layer_gemms``: a frozen reference runs only
+    forward GEMMs), from the GEMMs of ``rows`` input rows (the tokens a micro-batch passes
+    through this model): a layer is swapped when oneDNN runs them faster (and the extension uses
+    oneDNN at all); ``onednn`` swaps every layer (if the extension builds); ``torch`` none.
     """
     if mode not in MODES:
         raise ValueError(f"cpu_linear must be one of {', '.join(MODES)}, got {mode!r}")
@@ -140,9 +173,11 @@ def use_onednn_linears(model: nn.Module, mode: str = "auto", rows: int = 256) ->
         return 0
     total = len(linears)
     if mode == "auto":
-        faster = {shape: onednn_is_faster(shape[1], shape[0], rows)
-                  for shape in {tuple(m.weight.shape) for m in linears}}
-        linears = [m for m in linears if faster[tuple(m.weight.shape)]]
+        trains = any(p.requires_grad for p in model.parameters())
+        uses = {m: (*m.weight.shape, layer_gemms(m, trains)) for m in linears}
+        faster = {(out, inp, gemms): onednn_is_faster(inp, out, rows, gemms)
+                  for out, inp, gemms in set(uses.values())}
+        linears = [m for m in linears if faster[uses[m]]]
     else:
         _ext()  # build errors surface here, not inside the first forward
     for m in linears:
