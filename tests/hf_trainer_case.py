@@ -4,6 +4,7 @@ Used in-process by tests/test_hf_trainer.py and, as a script, under ``accelerate
 
     accelerate launch --multi_gpu --num_processes 2 tests/hf_trainer_case.py OUT GRAD_ACCUM
     accelerate launch --use_fsdp --fsdp_version 2 ... tests/hf_trainer_case.py OUT GRAD_ACCUM fsdp
+    torchrun --nproc_per_node 2 tests/hf_trainer_case.py OUT GRAD_ACCUM zero3   # DeepSpeed
 
 (without a GPU: torchrun processes on the CPU with gloo)
 
@@ -116,23 +117,37 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _main(out: str, grad_accum: int, fsdp: bool) -> None:
-    from accelerate import PartialState
+ZERO3 = {  # every parameter partitioned (no small ones kept whole), gathered for saving
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                          "stage3_gather_16bit_weights_on_model_save": True},
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto",
+                                              "betas": "auto", "eps": "auto",
+                                              "torch_adam": True}},
+}
 
-    out_dir = Path(out)
-    # use_cpu would make accelerate's state MULTI_CPU, which never shards: the launcher hides
-    # the GPUs instead (CUDA_VISIBLE_DEVICES).
-    trainer, batches = train(out_dir / "run", grad_accum, batch_size=1, use_cpu=False)
-    rank = PartialState().process_index
-    torch.save(batches, out_dir / f"batches_{rank}.pt")
-    model = trainer.model
+
+def _main(out: str, grad_accum: int, engine: str) -> None:
+    import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    engine = {"wrapper": type(trainer.model_wrapped).__name__,
-              "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
-              "world": trainer.accelerator.num_processes}
-    (out_dir / f"engine_{rank}.json").write_text(json.dumps(engine))
-    if fsdp:
+    out_dir = Path(out)
+    # DDP on the CPU needs use_cpu (accelerate's MULTI_CPU state); FSDP and DeepSpeed need it
+    # off (MULTI_CPU never shards), the launcher then hides any GPU (CUDA_VISIBLE_DEVICES).
+    kw = {"deepspeed": ZERO3} if engine == "zero3" else {}
+    trainer, batches = train(out_dir / "run", grad_accum, batch_size=1,
+                             use_cpu=engine == "ddp", **kw)
+    rank = dist.get_rank()
+    torch.save(batches, out_dir / f"batches_{rank}.pt")
+    model = trainer.model
+    head = model.policy.get_output_embeddings().weight
+    info = {"wrapper": type(trainer.model_wrapped).__name__,
+            "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+            "world": dist.get_world_size(), "data_processes": trainer.accelerator.num_processes,
+            "head_elements_outside_forward": head.numel()}
+    (out_dir / f"engine_{rank}.json").write_text(json.dumps(info))
+    if engine == "fsdp":
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -140,6 +155,10 @@ def _main(out: str, grad_accum: int, fsdp: bool) -> None:
 
         full = get_model_state_dict(model.policy, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
+    elif engine == "zero3":
+        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective
+        full = full and {k[len("policy."):]: v for k, v in full.items()
+                         if k.startswith("policy.")}
     else:
         full = {k: v.detach().clone() for k, v in model.policy.state_dict().items()}
     if rank == 0:
@@ -147,4 +166,4 @@ def _main(out: str, grad_accum: int, fsdp: bool) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], int(sys.argv[2]), len(sys.argv) > 3 and sys.argv[3] == "fsdp")
+    _main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ddp")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,16 +153,19 @@ def test_collator_bad_data():
 
 # ------------------------------------------------------------------ accelerate launch
 
-def _launch(tmp_path, grad_accum: int, *extra: str, fsdp: bool = False):
-    if shutil.which("accelerate") is None and not (Path(sys.executable).parent
-                                                   / "accelerate").exists():
-        pytest.skip("accelerate launcher not installed")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           *extra, str(ROOT / "tests" / "hf_trainer_case.py"), str(tmp_path),
-           str(grad_accum)] + (["fsdp"] if fsdp else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if not fsdp:
+def _launch(tmp_path, grad_accum: int, *extra: str, engine: str = "ddp", gpus: bool = False):
+    """Two processes of hf_trainer_case.py: accelerate launch (``extra``: its options), or
+    torchrun for DeepSpeed (configured by TrainingArguments)."""
+    script = [str(ROOT / "tests" / "hf_trainer_case.py"), str(tmp_path), str(grad_accum), engine]
+    if engine == "zero3":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *script]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               *extra, *script]
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes (gloo), like the replay
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -191,8 +193,27 @@ def test_accelerate_fsdp2_two_processes_equal_one(tmp_path):
     ranks, weights, engine = _launch(tmp_path, 2, "--use_fsdp", "--fsdp_version", "2",
                              "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
                              "--fsdp_reshard_after_forward", "true",
-                             "--fsdp_state_dict_type", "FULL_STATE_DICT", fsdp=True)
+                             "--fsdp_state_dict_type", "FULL_STATE_DICT", engine="fsdp",
+                                     gpus=True)
     assert engine["fsdp_units"] == 3  # two decoder layers and the step (the root)
     policy = case.replay(_per_step(None, 2, ranks))
+    _assert_close({n: weights[n] for n in case.trainable_state(policy)},
+                  case.trainable_state(policy))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_processes_equal_one(tmp_path):
+    """ZeRO-3 partitions every weight (the head too: empty outside a forward), and the step's
+    forward still trains on the whole head. On the CPU accelerate counts one data process
+    (both processes train on the same batches), on GPUs two: the replay takes either."""
+    pytest.importorskip("deepspeed")
+    ranks, weights, engine = _launch(tmp_path, 2, engine="zero3")
+    assert engine["wrapper"] == "DeepSpeedEngine"
+    assert engine["head_elements_outside_forward"] == 0  # partitioned
+    if engine["data_processes"] == 1:
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(*ranks))
+        policy = case.replay(_per_step(ranks[0], 2))
+    else:
+        policy = case.replay(_per_step(None, 2, ranks))
     _assert_close({n: weights[n] for n in case.trainable_state(policy)},
                   case.trainable_state(policy))
