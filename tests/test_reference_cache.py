@@ -159,7 +159,7 @@ def test_trainer_cached_reference_matches_copy(tmp_path, packing):
 @pytest.mark.parametrize("overrides, message", [
     (["model.reference=bogus"], "model.reference must be"),
     (["model.reference=adapters"], "needs model.lora=true"),
-    (["model.lora=true", "model.reference=copy"], "not copy"),
+    (["model.lora=true", "model.reference=copy"], "copy with model.reference_name"),
 ])
 def test_reference_config_errors(overrides, message):
     from fastunlearn.config import ConfigError, load_config
