@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 
 CARD_FILE = "README.md"
+METHOD = ("arXiv:2310.10683: gradient ascent on forget answers, random-mismatch descent, "
+          "KL to the reference on normal data")
 PROVENANCE_FILE = "fastunlearn.json"
 # Distribution names whose versions a result depends on; absent ones are left out.
 _PACKAGES = ("torch", "transformers", "triton", "peft")
@@ -33,7 +35,7 @@ def versions() -> dict[str, str]:
 def provenance(*, config: dict | None = None, before: dict | None = None,
                after: dict | None = None, save_dtype: str | None = None) -> dict:
     """The facts recorded next to saved weights (``fastunlearn.json``)."""
-    out = {"versions": versions(), "method": "fastunlearn"}
+    out = {"versions": versions(), "method": METHOD}
     if save_dtype is not None:
         out["save_dtype"] = save_dtype
     if config is not None:

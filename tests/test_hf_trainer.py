@@ -115,6 +115,22 @@ def test_saved_checkpoint_is_the_policy_with_provenance(tmp_path):
     assert (tmp_path / "saved" / "README.md").read_text().startswith("---\n")
 
 
+def test_evaluate_reports_the_unlearning_loss(tmp_path):
+    from fastunlearn.integrations.hf_data import StepIndex, dict_batch
+    from fastunlearn.unlearn_step import coefficients, prepare
+
+    trainer, _ = case.train(tmp_path, 1)
+    recorded = trainer.data_collator.batches
+    metrics = trainer.evaluate(eval_dataset=StepIndex(3))  # one batch of 3 indices
+    batch = dict_batch(recorded[-1])
+    assert batch.kind.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    step = trainer.model.eval()
+    inputs = prepare(batch, torch.device("cpu"), trainer.policy)
+    with torch.no_grad():
+        want = step(inputs, coefficients(case.EPS, inputs.counts)).loss
+    assert metrics["eval_loss"] == pytest.approx(float(want), rel=1e-6)
+
+
 # ---------------------------------------------------------------------------- collator
 
 def test_collator_builds_forget_mismatch_normal_with_answer_only_labels():

@@ -11,8 +11,9 @@
 The Trainer's model is a :class:`TrainerStep` (fastunlearn's :class:`UnlearnStep`: policy
 trunk, reference and loss in one module), so DDP and FSDP2 (through ``accelerate launch``) wrap
 the module whose forward reads the head weight: the weight is whole inside that forward, never
-read as a shard. The reference is the policy with its LoRA adapters off (a peft model), a
-frozen copy of the policy, a model passed as ``reference``, or none (no KL term).
+read as a shard; under DeepSpeed ZeRO-3 the head is registered with that forward. The
+reference is the policy with its LoRA adapters off (a peft model), a frozen copy of the
+policy, a model passed as ``reference``, or none (no KL term).
 
 Gradient accumulation is exact: :meth:`UnlearnTrainer.get_batch_samples` counts the valid
 tokens of each kind over all micro-batches of the optimiser step and all processes (the
@@ -22,7 +23,6 @@ gradients of one process on the whole batch.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -35,7 +35,6 @@ from .hf_data import UnlearnCollator, dict_batch
 
 __all__ = ["TrainerStep", "UnlearnCollator", "UnlearnTrainer"]
 
-log = logging.getLogger("fastunlearn")
 STEP_INPUTS = "unlearn_inputs"  # the key of the prepared StepInputs in a micro-batch dict
 TERMS = ("forget_nll", "mismatch_nll", "normal_kl")
 
@@ -171,6 +170,13 @@ class UnlearnTrainer(Trainer):
             self._term_sums += terms.detach().double().cpu()
         return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the unlearning loss of the batch (normalised by its own per-kind counts
+        over all processes); no logits."""
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict, start_time=None) -> None:
         """Training logs also get each term's mean over its tokens since the last log."""
         if "loss" in logs and bool(self._term_counts.any()):
@@ -210,14 +216,14 @@ class UnlearnTrainer(Trainer):
 
 
 def _register_head_with_zero3(step: UnlearnStep, accelerator) -> None:
-    """DeepSpeed ZeRO-3 gathers a module's parameters around its own forward only; the head
-    weight is read by the step's forward, so it is registered as used there."""
+    """DeepSpeed ZeRO-3 gathers a module's parameters around its own forward; the head weight
+    is read by the step's forward (the lm_head module never runs), so it is registered as a
+    parameter that forward uses (DeepSpeed's documented path for such parameters)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None or plugin.zero_stage != 3:
         return
     import deepspeed
 
-    log.warning("DeepSpeed ZeRO-3 with UnlearnTrainer has not been tested")
     models = [step.policy] + ([step.reference] if step.reference is not None else [])
     for model in models:
         head = head_of(model)
