@@ -65,26 +65,27 @@ class Recording:
 
 
 def train(out_dir, grad_accum: int, *, model=None, reference="auto", bf16: bool = False,
-          batch_size: int = 2, **args_kw):
+          batch_size: int = 2, mismatch_per_prompt: int = 1, resume=None, **args_kw):
     """(trainer, recorded batches) after STEPS optimiser steps."""
     from transformers import TrainingArguments
 
     from fastunlearn.integrations.hf import UnlearnTrainer
 
     tok = tiny_tokenizer()
-    data = collator(tok)
+    data = collator(tok, mismatch_per_prompt=mismatch_per_prompt)
     rec = Recording(data)
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, max_steps=STEPS, learning_rate=LR,
         lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM, report_to=[], logging_steps=1, save_strategy="no",
-        seed=0, bf16=bf16, disable_tqdm=True, **{"use_cpu": True, **args_kw})
+        max_grad_norm=MAX_GRAD_NORM, report_to=[], logging_steps=1,
+        seed=0, bf16=bf16, disable_tqdm=True,
+        **{"use_cpu": True, "save_strategy": "no", **args_kw})
     trainer = UnlearnTrainer(model=model if model is not None else tiny_llama(), args=args,
                              train_dataset=data.dataset, data_collator=rec,
                              processing_class=tok, reference=reference, eps=EPS,
                              backend="chunked")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, rec.batches
 
 

@@ -115,6 +115,22 @@ def test_saved_checkpoint_is_the_policy_with_provenance(tmp_path):
     assert (tmp_path / "saved" / "README.md").read_text().startswith("---\n")
 
 
+def test_resume_from_checkpoint_continues_the_run(tmp_path):
+    """A run resumed from its step-2 checkpoint ends where the uninterrupted run ends (no
+    mismatch rows here: their draws count the collator's batches, which a resume skips)."""
+    kw = {"mismatch_per_prompt": 0, "save_strategy": "steps", "save_steps": 2}
+    full, _ = case.train(tmp_path / "a", 1, **kw)
+    assert (tmp_path / "a" / "checkpoint-2" / "fastunlearn.json").is_file()
+    resumed, _ = case.train(tmp_path / "b", 1, resume=str(tmp_path / "a" / "checkpoint-2"),
+                            **kw)
+    assert resumed.state.global_step == case.STEPS
+    got, want = case.trainable_state(resumed.policy), case.trainable_state(full.policy)
+    for name in want:
+        assert float((got[name] - want[name]).abs().max()) <= TOL, name
+    fresh = case.trainable_state(tiny_llama())
+    assert any(not torch.allclose(got[n], fresh[n]) for n in got)
+
+
 def test_evaluate_reports_the_unlearning_loss(tmp_path):
     from fastunlearn.integrations.hf_data import StepIndex, dict_batch
     from fastunlearn.unlearn_step import coefficients, prepare

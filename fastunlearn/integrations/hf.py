@@ -210,9 +210,42 @@ class UnlearnTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The policy's weights from a checkpoint of :meth:`_save` (DeepSpeed resumes through
+        its own engine checkpoint and never comes here)."""
         if self.is_fsdp_enabled:
             raise ValueError("resuming an UnlearnTrainer run under FSDP is not supported")
-        super()._load_from_checkpoint(resume_from_checkpoint, model=self.policy)
+        if hasattr(self.policy, "disable_adapter"):  # peft: the checkpoint holds the adapters
+            super()._load_from_checkpoint(resume_from_checkpoint, model=self.policy)
+            return
+        _load_policy(self.policy, resume_from_checkpoint)
+
+
+def _load_policy(policy: torch.nn.Module, folder: str) -> None:
+    """Every weight of ``policy`` from a save_pretrained folder (one or several safetensors
+    files); ValueError unless each parameter is loaded (or tied to one that is)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"checkpoint {folder} has no {name}")
+        state.update(load_file(path, device="cpu"))
+    result = policy.load_state_dict(state, strict=False)
+    loaded = {id(p) for n, p in policy.named_parameters(remove_duplicate=False) if n in state}
+    params = dict(policy.named_parameters(remove_duplicate=False))
+    missing = [k for k in result.missing_keys if id(params.get(k)) not in loaded]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {folder} does not match the model (missing "
+                         f"{missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
 
 def _register_head_with_zero3(step: UnlearnStep, accelerator) -> None:
