@@ -105,3 +105,16 @@ def test_bad_save_dtype(tmp_path):
     set_value(cfg, "model.save_dtype", "fp16")
     with pytest.raises(ConfigError, match="model.save_dtype must be auto, float32 or bfloat16"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_save_dtype_with_lora(tmp_path, merge):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    save_model(model, tiny_tokenizer(), tmp_path, merge_lora=merge, save_dtype="bfloat16")
+    name = "model.safetensors" if merge else "adapter_model.safetensors"
+    saved = load_file(str(tmp_path / name))
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    assert any("lora_" in k for k in saved) != merge
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert json.loads((tmp_path / "fastunlearn.json").read_text())["save_dtype"] == "bfloat16"
