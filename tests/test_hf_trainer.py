@@ -59,6 +59,13 @@ def test_trainer_with_separate_reference(tmp_path):
     _assert_close(case.trainable_state(trainer.policy), case.trainable_state(policy))
 
 
+def test_trainer_activation_checkpointing_reaches_the_policy(tmp_path):
+    trainer, batches = case.train(tmp_path, 2, activation_checkpointing=True)
+    assert trainer.policy.is_activation_checkpointing
+    policy = case.replay(_per_step(batches, 2))
+    _assert_close(case.trainable_state(trainer.policy), case.trainable_state(policy))
+
+
 def _lora(model):
     from peft import LoraConfig, get_peft_model
 
