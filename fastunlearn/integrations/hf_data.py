@@ -65,8 +65,8 @@ class UnlearnCollator:
 
     Index ``i`` stands for forget row ``i % len(forget)`` and normal row ``i % len(normal)``;
     the dataset has ``max(len(forget), len(normal))`` items, so one epoch sees every row of
-    both sets. Mismatch answers are drawn with a generator seeded by ``seed`` and the number
-    of batches this collator made (reproducible, new pairs every batch).
+    both sets. Mismatch answers are drawn with a generator seeded by ``seed``, the number of
+    batches this collator made and the batch's indices (reproducible, new pairs every batch).
     Returns a dict of ``input_ids``, ``attention_mask``, ``labels`` (unshifted, -100 off the
     answers), ``kind`` (0 forget, 1 mismatch, 2 normal) and ``row_index``.
     """
@@ -99,7 +99,9 @@ class UnlearnCollator:
         n = [i % len(self.normal) for i in indices]
         rows, index = [self.forget[i] for i in f], list(f)
         if self.mismatch is not None:
-            rng = random.Random(f"{self.seed}:{self.batches}")
+            # The indices too: processes and data-loader workers (each with its own count)
+            # draw differently.
+            rng = random.Random(f"{self.seed}:{self.batches}:{indices}")
             rows += self.mismatch.rows(f, rng)
             index += [i for i in f for _ in range(self.mismatch.k)]
         rows += [self.normal[i] for i in n]
