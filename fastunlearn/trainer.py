@@ -734,6 +734,16 @@ class Trainer:
         self._saved_step = self.step
         self.resumed_from = str(checkpoint.resolve(path))
 
+    def _snapshot_original_for_evaluation(self) -> None:
+        """Resuming with a cached reference of the policy itself: evaluation measures the
+        normal KL (and answer similarity) against the policy before step 1, which a straight
+        run snapshots at its first evaluation. Take that snapshot now, before the checkpoint's
+        weights replace the original ones."""
+        own_cache = self.cfg.model.reference == "cached" and not self.cfg.model.reference_name
+        if self.evaluator is not None and own_cache and not self.cfg.model.lora:
+            self.evaluator.ref = self.policy
+            self.evaluator.snapshot_reference()
+
     def on_interrupt(self) -> None:
         """Called when Ctrl-C or SIGTERM (signals.py) stops a run, before its unfinished output
         is removed: a SIGTERM between steps writes a final checkpoint (checkpoints on)."""
@@ -781,6 +791,7 @@ class Trainer:
         self.work_dir = work_dir
         self.setup()
         if self.resume:
+            self._snapshot_original_for_evaluation()
             self.load_checkpoint(self.resume)
         main = dist.is_main()
         if main:

@@ -173,6 +173,24 @@ def test_resume_after_kill_equals_a_straight_run(tiny_dir, tmp_path, one_thread)
     assert summary["resumed_from"].endswith("step-00000003")
 
 
+def test_resumed_evaluation_keeps_the_original_reference(tiny_dir, tmp_path,  # noqa: F811
+                                                          one_thread):
+    """Cached reference of the policy itself: a resumed run's normal KL is still measured
+    against the model before step 1 (not against the checkpoint's weights)."""
+    def args(out, *extra):
+        return base_args(tiny_dir, out) + ["train.steps=4", "model.reference=cached",
+                                           "eval.enabled=true", *extra]
+    assert main(args(tmp_path / "straight")) == 0
+    out = tmp_path / "run"
+    killed = args(out, "train.save_every=2")
+    assert run_killed(_run_until, killed, 3, signal.SIGKILL) == -signal.SIGKILL
+    assert main(killed + ["--resume", str(tmp_path / "run.checkpoints")]) == 0
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())["after"]
+    resumed = json.loads((out / "summary.json").read_text())["after"]
+    assert straight["normal_kl"] > 1e-4
+    assert resumed["normal_kl"] == pytest.approx(straight["normal_kl"], rel=1e-4)
+
+
 def test_sigterm_writes_a_final_checkpoint(tiny_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     args = _args(tiny_dir, out, "train.save_every=100")
