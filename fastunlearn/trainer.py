@@ -652,16 +652,17 @@ class Trainer:
         named = [(n, _local(p)) for n, p in self.policy.named_parameters() if p.requires_grad]
         if not named:
             return
+        several = dist.world_size() > 1
         with torch.no_grad():
             # A sum is NaN / inf when any element is (and overflows only for weights near the
             # float limit, broken anyway); several times faster than isfinite or max-abs.
             total = torch.stack([p.sum(dtype=torch.float32) for _, p in named]).sum()
-            if self.distributed:
+            if several:
                 total = dist.all_reduce_sum(total.double().cpu())
             if bool(torch.isfinite(total)):  # one sync when all is well
                 return
             name = next((n for n, p in named if not bool(torch.isfinite(p).all())), None)
-        if self.distributed:
+        if several:
             name = next((n for n in dist.all_gather_objects(name) if n), None)
         what = f"parameter {name} is not finite" if name else "parameters overflow"
         raise FloatingPointError(f"{what} {when} (step {self.step}): training diverged; lower "
