@@ -9,6 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
+from . import log
 from .signals import Terminated, sigterm_as_interrupt
 
 RUN_EPILOG = """\
@@ -62,6 +63,7 @@ EXTRA_OF_MODULE = {
     **dict.fromkeys(("transformers", "tokenizers", "yaml", "tqdm", "matplotlib", "safetensors",
                      "gguf", "numpy"), "train"),
     "peft": "lora", "triton": "triton", "pyarrow": "data", "datasets": "data",
+    "tensorboard": "tensorboard",
 }
 
 
@@ -99,6 +101,7 @@ def cmd_run(args) -> int:
     if args.resume:
         checkpoint.check_resumable(args.resume, checkpoint.run_fingerprint(cfg))
     if args.quiet:
+        log.configure("warning")  # no info lines either
         _quiet_libraries()
     if args.out:
         cfg.out = args.out
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    log.configure("info")
     with sigterm_as_interrupt():
         if argv and argv[0] in ("collect", "eval"):
             return _guard(lambda: _delegate(argv[0], argv[1:]), debug)

@@ -35,7 +35,9 @@ from .batching import UnlearnBatcher
 from .config import ConfigError, RunConfig, validate
 from .eval.heldout import write_heldout
 from .lean_layers import use_lean_layers
+from .log import get_logger
 from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
+from .metrics_log import MetricsLog, summary_writer_class
 from .models import (
     ModelError,
     check_head,
@@ -46,6 +48,7 @@ from .models import (
     save_model,
 )
 from .optim import StochasticRoundingAdamW
+from .provenance import provenance, versions, write_model_files
 from .signals import Terminated
 from .step import ReferenceRunner, reference_mode
 from .unlearn_step import UnlearnStep, accumulate, clip_grad_norm, prepare
@@ -162,6 +165,10 @@ class Trainer:
             checkpoint.check_resumable(self.resume, self.fingerprint())
         # Resolve the backend now so an unavailable explicit choice fails before any work.
         self.backend = resolve_backend(cfg.loss.backend, self.device.type).name
+        summary_writer_class(cfg.train.report_to)  # TensorBoard missing: one line, now
+        if self.distributed and not cfg.model.lora and cfg.model.save_dtype != "auto":
+            raise ConfigError("model.save_dtype: a sharded run saves the weights in their own "
+                              "dtype; use model.save_dtype=auto (or model.dtype to choose it)")
 
     def setup_data(self, rows_by_kind: list | None = None, pad_id: int | None = None) -> None:
         """The training pairs, read before the model (a bad file fails in a second, not a
@@ -630,21 +637,28 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ save
-    def save(self, out_dir: Path) -> None:
+    def save(self, out_dir: Path, before: dict | None = None, after: dict | None = None) -> None:
+        """``out_dir/model``: the trained model with a model card and ``fastunlearn.json``."""
         self.check_model_finite()  # never save a broken model
+        card = {"config": self.cfg.to_dict(), "before": before, "after": after}
+        dtype = {"save_dtype": self.cfg.model.save_dtype, "training_dtype": self.compute_dtype}
+        merge = self.cfg.model.lora_merge_on_save
         if self.distributed and self._lora_host is None:
             checkpoint.save_hf(self.policy, self.tokenizer, out_dir / "model")
+            if dist.is_main():
+                # the sharded writer keeps the weights' own dtype
+                write_model_files(out_dir / "model", provenance(**card))
             return
         if self.distributed:  # LoRA: rank 0 saves its host model with the trained adapters
             weights = checkpoint.full_state_dict(self.policy)
             if dist.is_main():
                 self._lora_host.load_state_dict(weights)
-                save_model(self._lora_host, self.tokenizer, out_dir / "model",
-                           merge_lora=self.cfg.model.lora_merge_on_save)
+                save_model(self._lora_host, self.tokenizer, out_dir / "model", merge_lora=merge,
+                           **card, **dtype)
             dist.barrier()
             return
-        save_model(self.policy, self.tokenizer, out_dir / "model",
-                   merge_lora=self.cfg.model.lora_merge_on_save)
+        save_model(self.policy, self.tokenizer, out_dir / "model", merge_lora=merge, **card,
+                   **dtype)
 
     def check_parameters_finite(self, when: str) -> None:
         """FloatingPointError naming the first trainable parameter that holds NaN or inf
@@ -751,7 +765,7 @@ class Trainer:
         if self._sigterm and self.checkpoint_dir() is not None and self.step > 0:
             path = self.save_checkpoint()
             if path is not None:
-                dist.main_print(f"fastunlearn: checkpoint of step {self.step} written to {path}")
+                get_logger(__name__).info(f"checkpoint of step {self.step} written to {path}")
 
     @contextlib.contextmanager
     def _sigterm_between_steps(self):
@@ -804,16 +818,14 @@ class Trainer:
         stop_at = None
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="unlearning",
                    disable=not dist.progress_enabled(self.progress), dynamic_ncols=True)
-        log = open(work_dir / "metrics.jsonl", "w") if main else None
+        metrics = MetricsLog(work_dir, cfg.train.report_to, enabled=main)
         try:
-            for row in self.metrics_rows if log else []:  # a resumed run's earlier steps
-                log.write(json.dumps(row) + "\n")
+            for row in self.metrics_rows if main else []:  # a resumed run's earlier steps
+                metrics.step(row)
             with self._sigterm_between_steps():
                 while self.step < cfg.train.steps:
                     row = self.train_step()
-                    if log:
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
+                    metrics.step(row)
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", forget=f"{row['forget_nll']:.2f}",
                                     mismatch=f"{row['mismatch_nll']:.2f}",
@@ -835,13 +847,14 @@ class Trainer:
                                             f"{stop_at - cfg.train.stop_extra_steps}; stopped "
                                             f"{cfg.train.stop_extra_steps} steps later")
                         break
+            bar.close()
+            after = self.evaluate()
+            for evaluation in self.evals:  # TensorBoard only; summary.json has them
+                metrics.evaluation(evaluation)
         finally:
-            if log:
-                log.close()
-        bar.close()
-        after = self.evaluate()
+            metrics.close()
         if cfg.save_model:
-            self.save(work_dir)
+            self.save(work_dir, before, after)
         if self.distributed:
             after = self._after_on_main(work_dir, after)
         summary = {
@@ -855,6 +868,7 @@ class Trainer:
             "tokens_per_second": self.train_tokens / max(self.train_seconds, 1e-9),
             "stopped_early": self.stop_reason or False,
             "resumed_from": self.resumed_from,
+            "versions": versions(),
             "model": cfg.model.name,
             "recipe": getattr(self.recipe, "name", cfg.data.recipe),
             "rows": {"forget": len(self.rows_by_kind[KIND_FORGET]),

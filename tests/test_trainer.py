@@ -270,3 +270,25 @@ def test_bf16_weights_train_with_stochastic_rounding_adamw():
     assert rise["bf16"] == pytest.approx(rise["fp32"], rel=0.3), rise
     state = bf16.optimizer.state[next(bf16.policy.parameters())]
     assert state["exp_avg"].dtype == torch.bfloat16
+
+
+def test_run_saves_a_model_card_versions_and_save_dtype(tmp_path):
+    """The saved model carries a card and fastunlearn.json with the run's metrics and versions;
+    summary.json records the versions; model.save_dtype casts the files."""
+    import json
+
+    pytest.importorskip("fastunlearn.report")
+    cfg = tiny_cfg(steps=2)
+    cfg.save_model = True
+    cfg.model.save_dtype = "bfloat16"
+    summary = make_trainer(cfg).run(tmp_path / "run")
+    model_dir = tmp_path / "run" / "model"
+    assert summary["versions"]["torch"] == torch.__version__
+    card = (model_dir / "README.md").read_text()
+    info = json.loads((model_dir / "fastunlearn.json").read_text())
+    assert "fastunlearn" in info["versions"] and info["config"]["train"]["steps"] == 2
+    assert "eps_forget" in card or "0.5" in card
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
