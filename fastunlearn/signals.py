@@ -2,8 +2,8 @@
 ``KeyboardInterrupt``, so every cleanup path that runs for Ctrl-C runs for SIGTERM too (the
 hidden working folder of a run is removed, see outputs.py).
 
-``Trainer.on_terminate`` is called first when the signal arrives during training: the hook
-where a checkpoint can be written before the process ends.
+``Trainer.on_interrupt`` is called before that cleanup: with checkpoints on, a SIGTERM writes a
+final checkpoint there (the trainer lets the current step finish first).
 """
 from __future__ import annotations
 
