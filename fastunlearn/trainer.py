@@ -730,6 +730,8 @@ class Trainer:
         folder = self.checkpoint_dir()
         if folder is None or self._saved_step == self.step:
             return None
+        # A broken state is never checkpointed: the last good checkpoint stays the newest.
+        self.check_parameters_finite(f"before the checkpoint of step {self.step}")
         extra = {"metrics_rows": self.metrics_rows, "evals": self.evals,
                  "train_seconds": self.train_seconds, "train_tokens": self.train_tokens}
         path = checkpoint.save(folder, self._train_state(), fingerprint=self.fingerprint(),

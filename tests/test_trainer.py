@@ -292,3 +292,21 @@ def test_run_saves_a_model_card_versions_and_save_dtype(tmp_path):
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_a_broken_state_is_never_checkpointed(tmp_path):
+    """Non-finite weights raise before a checkpoint is written; the last good one stays."""
+    from fastunlearn import checkpoint
+
+    cfg = tiny_cfg(steps=4, save_every=1)
+    cfg.train.checkpoint_dir = str(tmp_path / "ckpt")
+    trainer = make_trainer(cfg)
+    trainer.setup()
+    trainer.train_step()
+    good = trainer.save_checkpoint()
+    trainer.train_step()
+    with torch.no_grad():
+        next(p for p in trainer.policy.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(FloatingPointError):
+        trainer.save_checkpoint()
+    assert checkpoint.latest(tmp_path / "ckpt") == good
