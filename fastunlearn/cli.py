@@ -247,11 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     log.configure("info")
-    with sigterm_as_interrupt():
-        if argv and argv[0] in ("collect", "eval"):
-            return _guard(lambda: _delegate(argv[0], argv[1:]), debug)
-        parser = build_parser()
-        return _guard(lambda: _dispatch(parser, argv), debug)
+    try:
+        with sigterm_as_interrupt():
+            if argv and argv[0] in ("collect", "eval"):
+                return _guard(lambda: _delegate(argv[0], argv[1:]), debug)
+            parser = build_parser()
+            return _guard(lambda: _dispatch(parser, argv), debug)
+    finally:
+        log.reset()  # an in-process call leaves the caller's logging as it was
 
 
 def _delegate(command: str, argv: list[str]) -> int:

@@ -63,3 +63,12 @@ def configure(verbosity: str | int = "info") -> logging.Logger:
     logger.addHandler(handler)
     logger.setLevel(level)
     return logger
+
+
+def reset() -> None:
+    """Undo :func:`configure`: the ``fastunlearn`` logger back to Python's defaults (the
+    command line calls it on return, so an in-process ``main()`` leaves no handler behind)."""
+    logger = get_logger()
+    for handler in [h for h in logger.handlers if isinstance(h, _CurrentStderr)]:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)

@@ -229,3 +229,15 @@ def test_help_without_pyyaml_falls_back_to_built_in_defaults():
     assert shown["train.steps"] == "1000" and shown["train.lr"] == "2e-06"
     assert "PyYAML" in r.stdout
     assert "(built-in default" in describe_options()  # here, with PyYAML: the bundled values
+
+
+def test_cli_main_leaves_no_handler_behind(capsys):
+    """After an in-process main(), the library is silent at info level again."""
+    import logging
+
+    from fastunlearn import cli
+
+    cli.main(["configs"])
+    capsys.readouterr()
+    logging.getLogger("fastunlearn.test").info("not shown")
+    assert "not shown" not in capsys.readouterr().err
