@@ -80,20 +80,28 @@ def loss_section(path: Path) -> str:
 
 def train_step_section(path: Path) -> str:
     rows = _load(path)
-    paper = {(r["model"], r["B"], r["T"]): r["ms_per_step"] for r in rows
+    # The paper-style row of the same model, shape and round (rounds: interleaved repetitions).
+    paper = {(r["model"], r["B"], r["T"], r.get("round")): r for r in rows
              if r.get("impl") == "paper" and r.get("ms_per_step")}
     table = []
     for r in rows:
-        base = paper.get((r["model"], r["B"], r["T"]))
+        base = paper.get((r["model"], r["B"], r["T"], r.get("round")))
         ms = r.get("ms_per_step")
-        speedup = f"{base / ms:.2f}x" if base and ms else "-"
-        table.append([r["model"], f"{r['B']} x {r['T']}", r["impl"], r.get("backend"), ms,
-                      r.get("tokens_per_s"), r.get("peak_gib"), speedup])
+        speedup = f"{base['ms_per_step'] / ms:.2f}x" if base and ms else "-"
+        cpu = r.get("cpu_s_per_step")
+        cpu_speedup = f"{base['cpu_s_per_step'] / cpu:.2f}x" \
+            if base and cpu and base.get("cpu_s_per_step") else "-"
+        load = r.get("load_average_before")
+        table.append([r["model"], f"{r['B']} x {r['T']}", r.get("round", "-"), r["impl"],
+                      r.get("backend"), ms, cpu, r.get("peak_gib"), speedup, cpu_speedup,
+                      load[0] if isinstance(load, list) and load else "-"])
     return (f"## Whole unlearning step: `{path.name}`\n\n{_provenance(rows)}. B rows of each "
-            "kind at length T; the speed-up is against the paper-style step of the same model "
-            "and shape in the same file.\n\n"
-            + _table(["model", "B x T", "impl", "loss backend", "ms / step", "tokens / s",
-                      "peak GiB", "vs paper-style"], table))
+            "kind at length T; speed-ups are against the paper-style row of the same model, "
+            "shape and round, in wall time and in CPU seconds; load is the 1-minute load "
+            "average before the row (CPU rows taken on a shared machine).\n\n"
+            + _table(["model", "B x T", "round", "impl", "loss backend", "ms / step",
+                      "CPU s / step", "peak GiB", "vs paper (wall)", "vs paper (CPU)",
+                      "load"], table))
 
 
 def cpu_loss_section(path: Path) -> str:

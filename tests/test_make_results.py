@@ -21,7 +21,7 @@ def test_tables_come_from_the_json_rows(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert _run("--results", str(tmp_path), "--out", str(out)).returncode == 0
     text = out.read_text()
-    assert "| m | 2 x 8 | ours | cpp | 100 |" in text and "4.00x" in text
+    assert "| m | 2 x 8 | - | ours | cpp | 100 |" in text and "4.00x" in text
     assert "commit: abc1234" in text
     assert _run("--results", str(tmp_path), "--out", str(out), "--check").returncode == 0
     out.write_text(text + "edited by hand\n")
