@@ -489,14 +489,9 @@ class Trainer:
         if self.distributed:
             self.heldout_inputs = self._heldout_inputs()
             return
-        from .eval import EvalConfig, Evaluator
+        from .eval import Evaluator
 
-        e = self.cfg.eval
-        ecfg = EvalConfig(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                          n_harmful=e.n_harmful, n_normal=e.n_normal, n_xstest=e.n_xstest,
-                          judge=e.judge, judge_harmful_labels=list(e.judge_harmful_labels),
-                          samples=e.samples, generate=e.generate,
-                          max_length=self.cfg.data.max_length)
+        ecfg = self._eval_config()
         # A cached reference has no model left: the evaluator then runs without one.
         reference = self.reference if self.reference is not None else \
             (AdapterDisabled(self.policy) if self.cfg.model.lora else None)
@@ -619,14 +614,9 @@ class Trainer:
     def _generation_metrics_on_main(self, model_dir: Path) -> dict:
         """Rank 0, after training: every metric of the evaluator on the saved model, loaded
         whole on rank 0's device, the original model as reference."""
-        from .eval import EvalConfig, Evaluator
+        from .eval import Evaluator
 
-        e = self.cfg.eval
-        ecfg = EvalConfig(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                          n_harmful=e.n_harmful, n_normal=e.n_normal, n_xstest=e.n_xstest,
-                          judge=e.judge, judge_harmful_labels=list(e.judge_harmful_labels),
-                          samples=e.samples, generate=e.generate,
-                          max_length=self.cfg.data.max_length)
+        ecfg = self._eval_config()
         kw = dict(dtype=self.cfg.model.dtype, device=self.device,
                   attn_implementation=self.cfg.model.attn_implementation,
                   trust_remote_code=self.cfg.model.trust_remote_code)
@@ -889,6 +879,17 @@ class Trainer:
             from .report import write_report
             write_report(work_dir, summary, self.metrics_rows)
         return summary
+
+    def _eval_config(self):
+        """The evaluator's settings from the run's eval section."""
+        from .eval import EvalConfig
+
+        e = self.cfg.eval
+        return EvalConfig(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                          n_harmful=e.n_harmful, n_normal=e.n_normal, n_xstest=e.n_xstest,
+                          judge=e.judge, judge_harmful_labels=list(e.judge_harmful_labels),
+                          samples=e.samples, generate=e.generate,
+                          max_length=self.cfg.data.max_length)
 
     def _after_on_main(self, work_dir: Path, after: dict | None) -> dict | None:
         """Several processes, after the sharded save: the other processes are done; rank 0

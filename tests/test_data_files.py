@@ -169,7 +169,7 @@ def test_every_row_is_validated(tmp_path, bad):
 
 def test_blank_row_in_heldout_split_is_refused(tmp_path):
     """Through the config path: whichever rows the seeded split holds out, a blank answer fails
-    before any split (it used to pass when the row was held out)."""
+    before any split."""
     from fastunlearn.config import DataSection
     from fastunlearn.inputs import load_training_data
 
