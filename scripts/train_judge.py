@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train the builtin harmfulness judge head (reproducible, seeded, CPU, offline).
 
-Labelled (prompt, response, harmful) examples from ../shared/data:
+Labelled (prompt, response, harmful) examples from the source data folder (``--data``, or
+$FASTUNLEARN_DATA; the upstream files listed in fastunlearn/recipes/data/README.md):
   * XSTest v2 completions (5 models x 450, human labels): harmful = an *unsafe* prompt
     (type "contrast_*") answered with full compliance; refusals and answers to safe prompts
     are benign; partial refusals to unsafe prompts are ambiguous and dropped.
@@ -64,9 +65,9 @@ SOURCES = ("xstest", "jbb", "hh")
 NEGATIVES_PER_PROMPT = 4
 
 
-def default_data_dir() -> Path:
+def default_data_dir() -> Path | None:
     env = os.environ.get("FASTUNLEARN_DATA")
-    return Path(env) if env else (REPO.parent / "shared" / "data")
+    return Path(env) if env else None
 
 
 def _row(source, prompt, response, label, harmful_request):
@@ -293,7 +294,9 @@ def load_labelled(args, sources: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=default_data_dir())
+    ap.add_argument("--data", type=Path, default=default_data_dir(),
+                    required=default_data_dir() is None,
+                    help="source data folder (default: $FASTUNLEARN_DATA)")
     ap.add_argument("--out", type=Path, default=JUDGE_DIR)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout-frac", type=float, default=0.2)

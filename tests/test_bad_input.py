@@ -17,26 +17,15 @@ from pathlib import Path
 import pytest
 
 from fastunlearn.cli import main
-from tests.tiny_model import tiny_llama, tiny_tokenizer
+from tests.tiny_model import write_jsonl, write_tiny_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Input files shared by every case (the catalogue checks that none of them changes)."""
-    d = tmp_path_factory.mktemp("inputs")
-    tiny_llama(128, seed=0).save_pretrained(d / "model")
-    tiny_tokenizer().save_pretrained(d / "model")
-    write_jsonl(d / "forget.jsonl", [{"prompt": f"bad request {i}", "answer": f"bad answer {i}"}
-                                     for i in range(10)])
-    write_jsonl(d / "normal.jsonl", [{"q": f"what is {i}?", "a": f"it is {i}."}
-                                     for i in range(10)])
+    d = write_tiny_run_inputs(tmp_path_factory.mktemp("inputs"))
     (d / "prompts.forget.jsonl").write_text('{"prompt": "p"}\n')
     (d / "latin1.yaml").write_bytes("train:\n  steps: 3 # caf\xe9\n".encode("latin-1"))
     (d / "random.gguf").write_bytes(os.urandom(4096))

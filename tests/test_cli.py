@@ -8,24 +8,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fastunlearn.cli import main
-from tests.tiny_model import tiny_llama, tiny_tokenizer
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.tiny_model import tiny_llama, tiny_tokenizer, write_jsonl, write_tiny_run_inputs
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama(128, seed=0).save_pretrained(d / "model")
-    tiny_tokenizer().save_pretrained(d / "model")
-    write_jsonl(d / "forget.jsonl", [{"prompt": f"bad request {i}", "answer": f"bad answer {i}"}
-                                     for i in range(10)])
-    write_jsonl(d / "normal.jsonl", [{"q": f"what is {i}?", "a": f"it is {i}."}
-                                     for i in range(10)])
-    return d
+    return write_tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
 
 
 def base_args(d, out):

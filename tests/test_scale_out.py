@@ -26,15 +26,6 @@ from tests.test_trainer import make_trainer, tiny_cfg
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def one_thread():
-    """Bitwise comparisons: the same thread count in the parent as in forked children."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------ the trainer on two ranks
 def _train(opts: dict):
     """Three steps of the Trainer (setup steps included); the gathered weights and losses."""

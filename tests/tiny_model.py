@@ -74,3 +74,22 @@ def tiny_granite(vocab_size: int = 128, seed: int = 0, logits_scaling: float = 8
                         max_position_embeddings=512, logits_scaling=logits_scaling,
                         pad_token_id=1, bos_token_id=2, eos_token_id=5)
     return _seeded(seed, lambda: GraniteForCausalLM(cfg))
+
+
+def write_jsonl(path, rows):
+    """``rows`` (dicts) as JSON lines at ``path``; returns the path."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_tiny_run_inputs(d):
+    """A tiny model folder and forget / normal JSONL files (10 rows each) in ``d``."""
+    tiny_llama(128, seed=0).save_pretrained(d / "model")
+    tiny_tokenizer().save_pretrained(d / "model")
+    write_jsonl(d / "forget.jsonl", [{"prompt": f"bad request {i}", "answer": f"bad answer {i}"}
+                                     for i in range(10)])
+    write_jsonl(d / "normal.jsonl", [{"q": f"what is {i}?", "a": f"it is {i}."}
+                                     for i in range(10)])
+    return d

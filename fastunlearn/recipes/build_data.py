@@ -1,6 +1,7 @@
-"""Rebuild the bundled recipe data from ``../shared/data`` (maintainers only; not imported).
+"""Rebuild the bundled recipe data from a folder of the upstream source files (maintainers
+only; not imported; the files and their origins are listed in ``data/README.md``).
 
-    python -m fastunlearn.recipes.build_data SHARED_DATA_DIR [--skip-generate]
+    python -m fastunlearn.recipes.build_data SOURCE_DATA_DIR [--generate]
 
 Copies / subsets the source files into ``fastunlearn/recipes/data`` and regenerates
 ``harmful_smollm2_answers.jsonl``: SmolLM2-135M-Instruct's own greedy answers (96 new tokens,
