@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastunlearn.cli import main
+from tests.test_cli import base_args  # noqa: F401 - also used by test_finite_guard
 from tests.tiny_model import write_jsonl, write_tiny_run_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +37,6 @@ def inputs(tmp_path_factory):
         'prompt,answer\np1,"a1\np2,a2\np3,a3\np4,a4\np5,a5\np6,a6\n')
     (d / "dup_header.csv").write_text("prompt,answer,answer\np,a,b\nq,c,d\nr,e,f\n")
     return d
-
-
-def base_args(d, out):
-    return ["run", "--quiet", "--out", str(out), f"model.name={d / 'model'}",
-            f"data.forget_file={d / 'forget.jsonl'}", f"data.normal_file={d / 'normal.jsonl'}",
-            "data.normal_prompt_column=q", "data.normal_answer_column=a", "data.n_heldout=2",
-            "data.max_length=48", "train.steps=3", "train.lr=1e-3", "train.device=cpu",
-            "eval.generate=false"]
 
 
 def snapshot(*folders: Path) -> dict:
