@@ -125,11 +125,17 @@ def _host_counts(bad, counts, options: LossOptions, has_ref: bool, vocab: int):
 
 
 def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
-               options: LossOptions, row_pass, *, need_dx=True, need_dw=True, need_db=True):
+               options: LossOptions, row_pass, *, need_dx=True, need_dw=True, need_db=True,
+               row_weight=None, row_values=None):
     """(loss, terms (3,), counts (3,), dX, dW, db) for grad_output = 1.
 
     dX in hidden's dtype, dW in weight's dtype, db in bias's dtype; an input that needs no
     gradient gets an empty (0,) tensor and its GEMM is skipped.
+
+    Per-row hooks (the token statistics, ``token_stats``): ``row_weight`` (BT,) multiplies
+    each row's coefficient, so the gradients are those of sum_r coef_r * row_weight_r * val_r;
+    ``row_values`` (BT,) fp32, filled in caller order with each counted row's NLL / KL (the
+    other rows keep their value). ``loss`` and ``terms`` ignore ``row_weight``.
     """
     need_db = need_db and bias is not None
     device = hidden.device
@@ -156,7 +162,10 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
     labels_sorted = torch.where(key_sorted == KIND_DROPPED, 0, labels[order])
     signs = _scalar_vector(options.signs, device)
     per_kind = signs if options.reduction_sum else signs / counts.clamp(min=1).float()
-    row_scale = torch.cat([per_kind, per_kind.new_zeros(1)])[key_sorted].contiguous()
+    row_scale = torch.cat([per_kind, per_kind.new_zeros(1)])[key_sorted]
+    if row_weight is not None:
+        row_scale = row_scale * row_weight.detach().float()[order]
+    row_scale = row_scale.contiguous()
 
     gdt = gemm_dtype(weight)
     acc_dt = torch.promote_types(gdt, torch.float32)
@@ -216,6 +225,8 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
         dw.zero_()
     if need_db and s != 1.0:
         db.mul_(s)
+    if row_values is not None:
+        row_values.index_copy_(0, order, vals)
     sums = torch.zeros(4, device=device, dtype=torch.float32).index_add_(0, key_sorted, vals)[:3]
     terms = sums if options.reduction_sum else sums / counts.clamp(min=1).float()
     loss = (signs * terms).sum()
