@@ -143,8 +143,40 @@ def run_section(summary_path: Path, results: Path) -> str:
             + _table(["metric", "before", "after"], table))
 
 
+def _compare_methods():
+    """benchmarks/compare_methods.py: it renders a comparison's table for results.md and here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_methods", HERE / "compare_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def comparisons(results: Path) -> list[Path]:
+    """The results.json files of benchmarks/compare_methods.py under ``results``."""
+    paths = sorted(results.glob("**/results.json"))
+    if not paths:
+        return []
+    cm = _compare_methods()
+    return [p for p in paths if cm.is_comparison(_load(p))]
+
+
+def methods_section(path: Path, results: Path) -> str:
+    cm = _compare_methods()
+    rows = _load(path)
+    name = path.parent.relative_to(results)
+    return (f"## Methods compared: `{name}`\n\n{_provenance(rows)}. One run per method and "
+            "learning rate (`python benchmarks/compare_methods.py`); held-out metrics before -> "
+            f"after. Samples, settings and the plot: `results/{name}/results.md`, "
+            f"`results/{name}/pareto.png`.\n\n"
+            + cm.comparison_table(rows) + "\n\n" + cm.targets_summary(rows))
+
+
 def generate(results: Path) -> str:
     sections = [HEADER]
+    compared = comparisons(results)
     for path in sorted(results.glob("bench_loss_*.json")):
         sections.append(loss_section(path))
     for path in sorted(results.glob("train_step_*.json")):
@@ -153,8 +185,11 @@ def generate(results: Path) -> str:
         sections.append(cpu_loss_section(path))
     for path in sorted(results.glob("activation_memory_*.json")):
         sections.append(activation_section(path))
+    for path in compared:
+        sections.append(methods_section(path, results))
     for path in sorted(results.glob("**/summary.json")):
-        sections.append(run_section(path, results))
+        if not any(c.parent in path.parents for c in compared):  # its comparison lists it
+            sections.append(run_section(path, results))
     return "\n\n".join(sections) + "\n"
 
 
