@@ -118,7 +118,7 @@ def _row(cm, tmp_path, after, name="npo_lr2e-05", record=None):
 
 def test_row_from_summary_and_targets(cm, tmp_path):
     row = _row(cm, tmp_path, GOOD)
-    assert row["before"] == {k: METRICS_BEFORE[k] for k in cm.METRICS}
+    assert row["before"] == {k: METRICS_BEFORE.get(k) for k in cm.METRICS}
     assert math.isclose(row["forget_nll_rise"], 2.0)
     assert math.isclose(row["harmful_rate_drop"], (0.75 - 0.125) / 0.75)
     assert row["xstest_over_refusal_rise"] == 0
@@ -353,3 +353,28 @@ def test_results_md_gets_a_methods_section(cm, tmp_path):
     assert "| npo | 2e-05 | ok | 10 | 0.7 -> 2.7 |" in text
     assert "## Run: `default_job`" in text
     assert "## Run: `compare_methods/runs" not in text  # listed by its comparison
+
+
+def test_one_real_tiny_run(tmp_path):
+    """The script drives a real ``fastunlearn run`` (tiny model, no generation) end to end."""
+    from tests.tiny_model import write_tiny_run_inputs
+
+    d = write_tiny_run_inputs(tmp_path)
+    out = tmp_path / "cmp"
+    extra = [f"model.name={d / 'model'}", f"data.forget_file={d / 'forget.jsonl'}",
+             f"data.normal_file={d / 'normal.jsonl'}", "data.normal_prompt_column=q",
+             "data.normal_answer_column=a", "data.n_heldout=2", "data.max_length=48",
+             "train.device=cpu", "eval.generate=false"]
+    done = subprocess.run([sys.executable, str(SCRIPT), "--methods", "paper", "--lr", "1e-3",
+                           "--steps", "2", "--out", str(out), "--extra", *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "[1/1] paper lr 0.001: done in" in done.stdout
+    [row] = json.loads((out / "results.json").read_text())
+    assert row["status"] == "ok" and row["steps"] == 2 and row["step_seconds"] > 0
+    assert row["process_seconds"] > row["wall_seconds"] > 0
+    assert row["forget_nll_rise"] > 0  # ascent at lr 1e-3
+    assert row["after"]["harmful_rate"] is None  # no generation: unknown, not met
+    assert set(row["targets"].values()) == {None} and not row["meets_all_targets"]
+    assert "0/4 (unknown: harmful_drop" in (out / "results.md").read_text()
+    assert not (out / "runs" / "paper_lr0.001" / "model").exists()  # save_model=false
