@@ -293,6 +293,6 @@ def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor,
     else:
         return _stats_op(*args, options.softcap, options.logit_scale, options.ignore_index,
                          options.chunk_rows, chosen.name, bool(with_kl))
-    if not with_kl:
+    if not with_kl or ref_hidden is None:  # 0 and constant, as on the driver path
         kl = torch.zeros_like(logp_ref)
     return logp, logp_ref, kl
