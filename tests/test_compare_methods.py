@@ -355,7 +355,7 @@ def test_results_md_gets_a_methods_section(cm, tmp_path):
     assert "## Run: `compare_methods/runs" not in text  # listed by its comparison
 
 
-def test_one_real_tiny_run(tmp_path):
+def test_one_real_tiny_run(cm, tmp_path, capsys):
     """The script drives a real ``fastunlearn run`` (tiny model, no generation) end to end."""
     from tests.tiny_model import write_tiny_run_inputs
 
@@ -365,9 +365,9 @@ def test_one_real_tiny_run(tmp_path):
              f"data.normal_file={d / 'normal.jsonl'}", "data.normal_prompt_column=q",
              "data.normal_answer_column=a", "data.n_heldout=2", "data.max_length=48",
              "train.device=cpu", "eval.generate=false"]
-    done = subprocess.run([sys.executable, str(SCRIPT), "--methods", "paper", "--lr", "1e-3",
-                           "--steps", "2", "--out", str(out), "--extra", *extra],
-                          capture_output=True, text=True, timeout=300)
+    args = [sys.executable, str(SCRIPT), "--methods", "paper", "--lr", "1e-3", "--steps", "2",
+            "--out", str(out), "--extra", *extra]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "[1/1] paper lr 0.001: done in" in done.stdout
     [row] = json.loads((out / "results.json").read_text())
@@ -378,3 +378,6 @@ def test_one_real_tiny_run(tmp_path):
     assert set(row["targets"].values()) == {None} and not row["meets_all_targets"]
     assert "0/4 (unknown: harmful_drop" in (out / "results.md").read_text()
     assert not (out / "runs" / "paper_lr0.001" / "model").exists()  # save_model=false
+    # The run's recorded configuration is the one planned, so --resume keeps it.
+    assert cm.main(args[2:] + ["--resume"]) == 0
+    assert "kept (finished before)" in capsys.readouterr().out
