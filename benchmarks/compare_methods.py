@@ -559,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-min", type=float, default=15.0,
                    help="a run still going after this many minutes is stopped (default 15)")
     p.add_argument("--resume", action="store_true", help="keep finished runs (same settings)")
-    p.add_argument("--force", action="store_true", help="run finished runs again")
+    p.add_argument("--force", action="store_true",
+                   help="run the grid's existing runs again (their folders are replaced)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     return p
 
