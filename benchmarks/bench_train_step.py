@@ -26,7 +26,9 @@ AdamW, 8 bytes per trainable parameter, see fastunlearn/optim.py), ``+torchlin``
 torch's own GEMMs in the nn.Linear layers instead of the oneDNN ones that
 ``train.cpu_linear=auto`` picks, see fastunlearn/cpu_linear.py), ``+lean`` (RMSNorm /
 SwiGLU that save less for backward, ``model.lean_layers``, see fastunlearn/lean_layers.py);
-``@name`` forces a loss backend (e.g. ``ours@chunked``).
+``@name`` forces a loss backend (e.g. ``ours@chunked``); ``+graddiff``, ``+npo``, ``+simnpo``,
+``+idk_dpo`` or ``+rmu`` trains with that ``loss.method`` instead of the paper's (idk_dpo's
+preferred rows: each forget prompt with a mismatch row's answer; rmu: no mismatch rows).
 
 Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
 weights); on CPU fp32 throughout (``+bf16w``: bf16 weights and bf16 autocast). Timing:
@@ -92,6 +94,8 @@ QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora", "ours+tor
 LORA_8B = [("llama-3-8b", 2, 512, ["ours+bf16w+lora+ckpt", "ours+bf16w+lora+cached+ckpt"]),
            ("llama-3-8b", 8, 1024, ["ours+bf16w+lora+ckpt"])]
 OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "sr", "torchlin", "lean")
+# ``loss.method`` other than the paper's (``ours+npo``); rmu runs without mismatch rows
+METHODS = ("graddiff", "npo", "simnpo", "idk_dpo", "rmu")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -102,16 +106,22 @@ def parse_impl(impl: str) -> dict:
     name, *opts = impl.split("+")
     if name not in ("paper", "ours"):
         raise ValueError(f"impl must start with 'paper' or 'ours', got {impl!r}")
+    methods = [o for o in opts if o in METHODS]
+    opts = [o for o in opts if o not in METHODS]
     bad = [o for o in opts if o not in OPTIONS]
     if bad:
-        raise ValueError(f"unknown impl option {bad[0]!r} (known: {', '.join(OPTIONS)})")
+        raise ValueError(f"unknown impl option {bad[0]!r} (known: "
+                         f"{', '.join(OPTIONS + METHODS)})")
+    if len(methods) > 1 or (methods and name == "paper"):
+        raise ValueError("one method option at most, and only on ours")
     if name == "paper" and set(opts) - {"bf16w"}:
         raise ValueError("paper takes only the +bf16w option")
     if name == "paper" and backend:
         raise ValueError("paper runs HF's own loss: no @backend")
     if "sr" in opts and "bf16w" not in opts:
         raise ValueError("+sr (stochastic-rounding AdamW) needs +bf16w")
-    return {"name": name, "backend": backend or None, **{o: o in opts for o in OPTIONS}}
+    return {"name": name, "backend": backend or None, "method": methods[0] if methods else
+            "paper", **{o: o in opts for o in OPTIONS}}
 
 
 def git_commit() -> str:
@@ -232,19 +242,31 @@ def ours_trainer(policy, rows, opt_: dict, device: torch.device, compute_dtype: 
     m.reference = "cached" if opt_["cached"] else ("adapters" if opt_["lora"] else "copy")
     m.reference_dtype = "bfloat16" if opt_["bf16ref"] else "auto"
     m.gradient_checkpointing, m.lean_layers = opt_["ckpt"], opt_["lean"]
-    cfg.loss.backend = backend
+    cfg.loss.backend, cfg.loss.method = backend, opt_["method"]
+    if opt_["method"] == "rmu":
+        cfg.loss.eps_mismatch = 0.0
     cfg.eval.enabled, cfg.save_model = False, False
     trainer = Trainer(cfg, model=policy, progress=False)
     trainer.setup(rows_by_kind=rows, pad_id=0)
     return trainer
 
 
-def batch_rows(batch) -> list[list]:
-    """The rows of a [forget; mismatch; normal] batch, by kind (the trainer's input)."""
+def batch_rows(batch, method: str = "paper") -> list[list]:
+    """The rows of a [forget; mismatch; normal] batch, by kind (the trainer's input); idk_dpo
+    also gets a preferred row per forget row (its prompt, the answer of a mismatch row)."""
+    from fastunlearn.data import KIND_PREFERRED, PreferredRows
+
     rows = [[], [], []]
     for i in range(batch.input_ids.shape[0]):
         k = int(batch.kind[i])
         rows[k].append(_Row(batch.input_ids[i].tolist(), batch.labels[i].tolist(), k))
+    if method == "idk_dpo":
+        preferred = PreferredRows()
+        for f, m in zip(rows[0], rows[1]):
+            cut = next(j for j, y in enumerate(f.labels) if y != IGNORE)
+            ids = f.input_ids[:cut] + m.input_ids[cut:]
+            preferred.append(_Row(ids, f.labels[:cut] + m.labels[cut:], KIND_PREFERRED))
+        rows.append(preferred)
     return rows
 
 
@@ -287,8 +309,8 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
             return paper_step(policy, ref, batch, opt, eps, autocast)
         row.update(backend="hf", reference="copy", linear_gemm="torch")
     else:
-        trainer = ours_trainer(policy, batch_rows(batch), opt_, dev, compute_dtype,
-                               opt_["backend"] or backend, b)
+        trainer = ours_trainer(policy, batch_rows(batch, opt_["method"]), opt_, dev,
+                               compute_dtype, opt_["backend"] or backend, b)
         swapped = any(type(m) is torch.nn.Linear and "forward" in m.__dict__
                       for m in trainer.policy.modules())
         row["linear_gemm"] = "onednn" if swapped else "torch"
@@ -298,7 +320,7 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
 
         def step():
             return trainer.train_step()["loss"]
-        row.update(backend=trainer.backend, reference=reference,
+        row.update(backend=trainer.backend, reference=reference, method=opt_["method"],
                    optimizer=type(trainer.optimizer).__name__)
     row["trainable_params"] = sum(p.numel() for p in params)
 

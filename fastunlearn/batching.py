@@ -6,7 +6,8 @@ so rows of a batch have similar lengths and less padding is computed. With ``pac
 packed end to end into sequences instead (first fit by decreasing length): each row restarts its
 position ids, and the trunk gets an explicit block-diagonal causal mask built from them
 (packing.py), so no row sees another. Normal rows are packed into
-sequences of their own, placed last, so the reference still runs on normal rows only.
+sequences of their own, placed last, so the reference still runs on normal rows only; so are the
+kinds in ``separate`` (the forget rows when the reference also runs on them).
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ class Batch:
     # Packed batches only: the row indices (within their kind) packed into each sequence, in
     # order; ``row_index`` then holds the first of them. The cached reference reads these.
     members: list[list[int]] | None = None
+    # Packed batches only: the index of each token's row in the collated row list (-1 on
+    # padding): the sequence a token belongs to, for sequence-level losses. Unpacked, a
+    # token's row is its batch row.
+    token_row: torch.Tensor | None = None  # (R, T) long
 
     @property
     def real_fraction(self) -> float:
@@ -106,13 +111,16 @@ def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch:
+def pack_rows(rows, pad_id: int, row_index: list[int] | None = None,
+              separate: frozenset = frozenset({2})) -> Batch:
     """Pack rows (objects with input_ids, labels, kind) into as few sequences as the longest row
-    allows; normal rows (kind 2) only share sequences with normal rows and come last."""
+    allows. Rows of a kind in ``separate`` share sequences only with rows of that kind (normal
+    rows by default: the reference runs on them alone); the other kinds' sequences come first,
+    then each separate kind's, in increasing kind order."""
     index = row_index if row_index is not None else [-1] * len(rows)
     capacity = max(len(r.input_ids) for r in rows)
-    groups = [[i for i, r in enumerate(rows) if r.kind != 2],
-              [i for i, r in enumerate(rows) if r.kind == 2]]
+    group_of = [r.kind if r.kind in separate else -1 for r in rows]
+    groups = [[i for i, g in enumerate(group_of) if g == key] for key in sorted(set(group_of))]
     seqs = [[g[j] for j in b] for g in groups
             for b in _first_fit([len(rows[i].input_ids) for i in g], capacity)]
     n = len(seqs)
@@ -121,6 +129,7 @@ def pack_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch:
     mask = torch.zeros((n, capacity), dtype=torch.long)
     positions = torch.zeros((n, capacity), dtype=torch.long)
     token_kind = torch.zeros((n, capacity), dtype=torch.long)
+    token_row = torch.full((n, capacity), -1, dtype=torch.long)
     kind = torch.zeros(n, dtype=torch.long)
     for s, members in enumerate(seqs):
         at = 0
@@ -132,13 +141,15 @@ def pack_rows(rows, pad_id: int, row_index: list[int] | None = None) -> Batch:
             mask[s, at:at + k] = 1
             positions[s, at:at + k] = torch.arange(k)
             token_kind[s, at:at + k] = r.kind
+            token_row[s, at:at + k] = i
             at += k
         # The padding tail is a segment of its own (positions restart), attended by nothing.
         positions[s, at:] = torch.arange(capacity - at)
-        kind[s] = 2 if rows[members[0]].kind == 2 else 0
+        # a shared sequence is marked forget; a separate kind's sequence carries its kind
+        kind[s] = max(group_of[members[0]], 0)
     seq_index = torch.tensor([index[m[0]] for m in seqs], dtype=torch.long)
     return Batch(input_ids, mask, labels, kind, seq_index, int(mask.sum()), n * capacity,
-                 positions, token_kind, [[index[i] for i in m] for m in seqs])
+                 positions, token_kind, [[index[i] for i in m] for m in seqs], token_row)
 
 
 @dataclass
@@ -160,30 +171,42 @@ class KindDraw:
 
 
 class UnlearnBatcher:
-    """One concatenated batch per call: [forget rows; mismatch rows; normal rows].
+    """One concatenated batch per call: [forget rows; mismatch rows; normal rows; preferred rows].
 
-    A kind is a list of rows, or rows drawn afresh per batch (``data.MismatchDraws``: its
+    A kind is a list of rows, rows drawn afresh per batch (``data.MismatchDraws``: its
     ``lengths`` are sampled like rows, then ``rows(indices, rng)`` makes the batch's rows with a
-    generator seeded by the seed and the batch number, so a run is reproducible).
+    generator seeded by the seed and the batch number, so a run is reproducible), rows that
+    follow the forget rows' draw (``data.PreferredRows``: the same indices, so the j-th preferred
+    row of a batch pairs with its j-th forget row), or None (the kind is not drawn).
     ``next()`` is ``collate(draw())``; a process of a sharded run collates only its share of
-    each kind's draw (``distributed.RankBatcher``)."""
+    each kind's draw (``distributed.RankBatcher``). ``separate``: the kinds that packing keeps
+    in sequences of their own (see :func:`pack_rows`)."""
 
     def __init__(self, rows_by_kind: list, batch_size: int, pad_id: int, seed: int,
-                 bucket: bool = True, pack: bool = False):
+                 bucket: bool = True, pack: bool = False, separate: frozenset = frozenset({2})):
+        from .data import PreferredRows
+
         self.rows_by_kind = rows_by_kind
         self.pad_id = pad_id
         self.pack = pack
+        self.separate = separate
         self.seed = seed
         self.draws = 0
-        self.samplers = [KindSampler(_lengths(rows), batch_size, seed + k, bucket)
-                         for k, rows in enumerate(rows_by_kind)]
+        self.follows_forget = [isinstance(rows, PreferredRows) for rows in rows_by_kind]
+        # one sampler per drawn kind, in kind order (the checkpointed stream position)
+        self.sampled = [k for k, rows in enumerate(rows_by_kind)
+                        if rows is not None and not self.follows_forget[k]]
+        self.samplers = [KindSampler(_lengths(rows_by_kind[k]), batch_size, seed + k, bucket)
+                         for k in self.sampled]
 
     def draw(self) -> list[KindDraw]:
-        """The next batch's rows of each kind, not yet collated (advances the stream)."""
+        """The next batch's rows of each drawn kind, not yet collated (advances the stream)."""
+        picks = {k: sampler.next() for k, sampler in zip(self.sampled, self.samplers)}
         out = []
-        for k, sampler in enumerate(self.samplers):
-            picked = sampler.next()
-            source = self.rows_by_kind[k]
+        for k, source in enumerate(self.rows_by_kind):
+            if source is None:
+                continue
+            picked = picks[0] if self.follows_forget[k] else picks[k]
             if isinstance(source, list):
                 rows = [source[i] for i in picked]
             else:
@@ -192,15 +215,15 @@ class UnlearnBatcher:
         self.draws += 1
         return out
 
+    def next(self) -> Batch:
+        return self.collate(self.draw())
+
     def collate(self, draws: list[KindDraw]) -> Batch:
         rows = [r for d in draws for r in d.rows]
         index = [i for d in draws for i in d.picked for _ in range(d.per_pick)]
         if self.pack:
-            return pack_rows(rows, self.pad_id, index)
+            return pack_rows(rows, self.pad_id, index, self.separate)
         return collate_rows(rows, self.pad_id, index)
-
-    def next(self) -> Batch:
-        return self.collate(self.draw())
 
 
 def _lengths(source) -> list[int]:

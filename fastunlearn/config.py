@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """A bad configuration (one-line message)."""
 
 
+# The unlearning methods of ``loss.method`` (``fastunlearn.losses.methods`` computes them).
+LOSS_METHODS = ("paper", "graddiff", "npo", "simnpo", "idk_dpo", "rmu")
+
+
 @dataclass
 class ModelSection:
     name: str = "smollm2"  # "smollm2", an HF directory, a .gguf file or a hub id
@@ -64,9 +68,15 @@ class DataSection:
 
 @dataclass
 class LossSection:
-    eps_forget: float = 0.5
+    # paper (Yao et al.) | graddiff | npo | simnpo | idk_dpo | rmu (see the README's method table)
+    method: str = "paper"
+    eps_forget: float = 0.5  # weight of the method's forget term
     eps_mismatch: float = 1.0
-    eps_normal: float = 1.0
+    eps_normal: float = 1.0  # weight of the retain term on normal rows (KL, NLL for graddiff)
+    beta: float | None = None  # npo / simnpo / idk_dpo inverse temperature (None: the method's)
+    gamma: float = 0.0  # simnpo margin
+    rmu_layer: int | None = None  # rmu: decoder layer whose output is steered (None: depth / 4)
+    rmu_steer: float = 20.0  # rmu: norm-like scale c of the random direction forget states go to
     backend: str = "auto"
     chunk_rows: int | None = None
 
@@ -354,6 +364,9 @@ def validate(cfg: RunConfig) -> None:
         _at_least(lo.chunk_rows, 1, "loss.chunk_rows", none_ok=True, hint=" (none: automatic)"),
         (min(lo.eps_forget, lo.eps_mismatch, lo.eps_normal) >= 0,
          "loss coefficients must be >= 0 (the ascent sign is built in)"),
+        (lo.beta is None or lo.beta > 0, f"loss.beta must be > 0 or none, got {lo.beta!r}"),
+        _at_least(lo.rmu_layer, 0, "loss.rmu_layer", none_ok=True, hint=" (none: depth / 4)"),
+        (lo.rmu_steer > 0, f"loss.rmu_steer must be > 0, got {lo.rmu_steer!r}"),
         _at_least(m.lora_r, 1, "model.lora_r"),
         (m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha!r}"),
         (0 <= m.lora_dropout < 1, f"model.lora_dropout must be in [0, 1), got {m.lora_dropout!r}"),
@@ -364,6 +377,15 @@ def validate(cfg: RunConfig) -> None:
     ] + [_at_least(getattr(e, k), 0, f"eval.{k}")
          for k in ("n_harmful", "n_normal", "n_xstest", "samples")]
     choices = [
+        (lo.method in LOSS_METHODS, f"loss.method must be one of {', '.join(LOSS_METHODS)}, "
+                                    f"got {lo.method!r}"),
+        (lo.method != "rmu" or lo.eps_mismatch == 0,
+         "loss.method=rmu steers hidden states and has no head term: set loss.eps_mismatch=0"),
+        (lo.method != "rmu" or t.stop_forget_nll is None,
+         "train.stop_forget_nll needs the forget NLL, which loss.method=rmu never computes"),
+        (lo.method != "rmu" or m.reference != "cached",
+         "loss.method=rmu compares hidden states inside the model: model.reference=cached "
+         "holds only the last ones (use copy, or adapters with LoRA)"),
         (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          "train.device must be auto, cpu or cuda[:N]"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),

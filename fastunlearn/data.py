@@ -31,17 +31,56 @@ from .recipes import RecipeData, load_recipe, recipe_names
 __all__ = [
     "DataError", "Pair", "RecipeData", "Row", "load_pairs", "load_recipe", "recipe_names",
     "MismatchDraws", "format_example", "tokenize_pairs", "collate", "ensure_pad_token",
-    "read_records", "KIND_FORGET", "KIND_MISMATCH", "KIND_NORMAL",
+    "read_records", "KIND_FORGET", "KIND_MISMATCH", "KIND_NORMAL", "KIND_PREFERRED",
+    "PreferredRows", "REFUSAL_ANSWERS", "preferred_rows",
 ]
+
+
+# Batch rows of idk_dpo only: a forget prompt with a refusal answer, the answer DPO prefers over
+# the forget answer. The loss engine never sees this kind (its kinds are 0, 1 and 2).
+KIND_PREFERRED = 3
+
+# The refusal answers of idk_dpo's preferred rows: forget prompt i gets
+# REFUSAL_ANSWERS[i % len(REFUSAL_ANSWERS)], so a row's answer is the same in every batch.
+REFUSAL_ANSWERS = (
+    "I can't help with that.",
+    "I'm sorry, but I can't assist with that request.",
+    "I don't know how to help with that, and I won't try.",
+    "That's not something I can help with.",
+    "I'm not able to provide that information.",
+    "Sorry, I can't help with this one.",
+    "I won't help with that request.",
+    "I don't have an answer I can give you for that.",
+    "I'm unable to help with that. Is there something else I can do for you?",
+    "I can't provide guidance on that.",
+)
 
 
 @dataclass
 class Row:
-    """One tokenized example: ``input_ids`` and ``labels`` of equal length, ``kind`` 0/1/2."""
+    """One tokenized example: ``input_ids`` and ``labels`` of equal length, ``kind`` 0/1/2
+    (3 for idk_dpo's preferred rows)."""
 
     input_ids: list[int]
     labels: list[int]
     kind: int
+
+
+class PreferredRows(list):
+    """idk_dpo's preferred rows, one per forget row and in its order: the batcher draws the
+    same indices as the forget rows, so preferred row j of a batch pairs with forget row j."""
+
+
+def preferred_rows(tokenizer, forget: list[Pair], *, max_length: int,
+                   max_prompt_length: int | None = None) -> PreferredRows:
+    """Forget prompt i with refusal answer ``REFUSAL_ANSWERS[i % 10]``, tokenised like any row."""
+    pairs = [Pair(f.prompt, REFUSAL_ANSWERS[i % len(REFUSAL_ANSWERS)]) for i, f in
+             enumerate(forget)]
+    rows = tokenize_pairs(tokenizer, pairs, KIND_FORGET, max_length=max_length,
+                          max_prompt_length=max_prompt_length)
+    for r in rows:
+        r.kind = KIND_PREFERRED
+    return PreferredRows(rows)
 
 
 class MismatchDraws:

@@ -49,11 +49,12 @@ def load_training_data(d: DataSection):
                       heldout_normal=held_n, extra=extra, sources=sources)
 
 
-def tokenize_all(tokenizer, data, d: DataSection) -> list:
-    """Rows of each kind: [forget rows, mismatch draws, normal rows]. Mismatch rows pair forget
-    prompts with ``d.mismatch_answers`` normal answers drawn afresh for every batch
+def tokenize_all(tokenizer, data, d: DataSection, method: str = "paper") -> list:
+    """Rows of each kind: [forget rows, mismatch draws, normal rows], plus idk_dpo's preferred
+    rows (``data.preferred_rows``) as a fourth entry for ``method="idk_dpo"``. Mismatch rows
+    pair forget prompts with ``d.mismatch_answers`` normal answers drawn afresh for every batch
     (``data.MismatchDraws``; the batcher draws them)."""
-    from .data import DataError, MismatchDraws, tokenize_pairs
+    from .data import DataError, MismatchDraws, preferred_rows, tokenize_pairs
 
     if not data.forget:
         raise DataError("the forget set is empty")
@@ -67,4 +68,6 @@ def tokenize_all(tokenizer, data, d: DataSection) -> list:
         # KL on every non-pad token of normal rows: label the prompt tokens too.
         for r in normal:
             r.labels = list(r.input_ids)
+    if method == "idk_dpo":
+        return [forget, mismatch, normal, preferred_rows(tokenizer, data.forget, **kw)]
     return [forget, mismatch, normal]

@@ -39,6 +39,16 @@ def valid_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return flat, shifted[rows, cols], batch.kind[rows]
 
 
+def valid_rows(batch: Batch) -> torch.Tensor:
+    """The row (index in the collated row list) of every valid position, in the order of
+    :func:`valid_positions`: the sequence a position's label belongs to."""
+    r, t = batch.input_ids.shape
+    rows, cols = (batch.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    if batch.token_row is not None:  # packed: several rows share a sequence
+        return batch.token_row[rows, cols + 1]
+    return rows
+
+
 def trunk_inputs(model: nn.Module, batch: Batch, device: torch.device,
                  rows: slice = slice(None)) -> dict:
     """Keyword arguments of ``model``'s trunk for (some rows of) a batch. Packed rows get an

@@ -37,6 +37,7 @@ from .eval.heldout import write_heldout
 from .lean_layers import use_lean_layers
 from .log import get_logger
 from .losses import KIND_FORGET, KIND_MISMATCH, KIND_NORMAL, resolve_backend
+from .method_terms import MethodSettings, reference_kinds
 from .metrics_log import MetricsLog, summary_writer_class
 from .models import (
     ModelError,
@@ -51,7 +52,7 @@ from .optim import StochasticRoundingAdamW
 from .provenance import provenance, versions, write_model_files
 from .signals import Terminated
 from .step import ReferenceRunner, reference_mode
-from .unlearn_step import UnlearnStep, accumulate, clip_grad_norm, prepare
+from .unlearn_step import UnlearnStep, accumulate, clip_grad_norm, measuring, prepare
 
 
 def pick_device(name: str) -> torch.device:
@@ -187,7 +188,8 @@ class Trainer:
 
         ensure_pad_token(tokenizer)
         self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
-        self.rows_by_kind = tokenize_all(tokenizer, self.recipe, self.cfg.data)
+        self.rows_by_kind = tokenize_all(tokenizer, self.recipe, self.cfg.data,
+                                         self.cfg.loss.method)
 
     def setup_policy(self) -> None:
         """The policy on its device (one process) or built on the meta device with rank 0
@@ -276,6 +278,9 @@ class Trainer:
         ref_dtype = None if cfg.model.reference_dtype == "auto" else \
             parse_dtype(cfg.model.reference_dtype)
         cached = cfg.model.reference == "cached"
+        if self.distributed and cfg.loss.method == "rmu":
+            raise ConfigError("loss.method=rmu runs in one process only (its pass stops inside "
+                              "the model, which a sharded model does not support)")
         if self.distributed and cached and cfg.model.reference_name:
             raise ConfigError("model.reference=cached with model.reference_name runs in one "
                               "process only: use reference=copy with several processes")
@@ -284,7 +289,9 @@ class Trainer:
         main_policy = self._source if self.distributed else self.policy
         # LoRA: the adapters disabled serve as the reference; cached: before step 1 the
         # policy is the reference. Otherwise (or with a named reference) a model is loaded.
-        want_ref = bool(cfg.model.reference_name) or not (cfg.model.lora or cached)
+        # graddiff holds normal rows by their NLL: it needs no reference at all.
+        want_ref = (bool(cfg.model.reference_name) or not (cfg.model.lora or cached)) and \
+            cfg.loss.method != "graddiff"
         # Several processes, a copy of the policy: filled from rank 0's policy weights (cast
         # to the reference dtype), no second host copy.
         load_ref = want_ref and (bool(cfg.model.reference_name) or not self.distributed)
@@ -314,14 +321,23 @@ class Trainer:
                 # Freed: training reads the cache only; evaluation keeps a snapshot of a named
                 # one.
                 self._eval_reference, self.reference = self.reference, None
-            self.ref_runner = ReferenceRunner(self.policy, self.reference, cache=self.ref_cache)
-            mode = reference_mode(self.ref_runner)
+            needs_ref = self.reference is not None or self.ref_cache is not None or \
+                cfg.model.lora
+            self.ref_runner = ReferenceRunner(self.policy, self.reference, cache=self.ref_cache) \
+                if needs_ref else None
+            mode = reference_mode(self.ref_runner) if needs_ref else "none"
             ref_head = self.ref_cache.head(self.device) if self.ref_cache is not None else None
             self.unlearn_step = UnlearnStep(
                 self.policy, self.reference if mode == "copy" else None, mode=mode,
                 ref_head=None if ref_head is None else ref_head.weight,
                 ref_bias=None if ref_head is None else ref_head.bias, backend=self.backend,
-                chunk_rows=cfg.loss.chunk_rows, compute_dtype=self.compute_dtype)
+                chunk_rows=cfg.loss.chunk_rows, compute_dtype=self.compute_dtype,
+                method=self.method_settings())
+
+    def method_settings(self) -> MethodSettings:
+        lo = self.cfg.loss
+        return MethodSettings(lo.method, lo.beta, lo.gamma, lo.rmu_layer, lo.rmu_steer,
+                              self.cfg.train.seed)
 
     def _build_sharded_step(self, cached: bool) -> None:
         """FSDP2 over the meta-built models, filled from rank 0; a cached reference built by
@@ -334,11 +350,12 @@ class Trainer:
         )
 
         cfg = self.cfg
-        mode = "cached" if cached else ("copy" if self.reference is not None else "adapters")
+        mode = "cached" if cached else ("copy" if self.reference is not None else
+                                        "adapters" if cfg.model.lora else "none")
         placeholder = torch.zeros(1, 1) if cached else None
         step = UnlearnStep(self.policy, self.reference, mode=mode, ref_head=placeholder,
                            backend=self.backend, chunk_rows=cfg.loss.chunk_rows,
-                           compute_dtype=self.compute_dtype)
+                           compute_dtype=self.compute_dtype, method=self.method_settings())
         # fp32 master weights with bf16 compute: FSDP gathers them in bf16 (MixedPrecision).
         mixed = self.weights_dtype == torch.float32 and self.compute_dtype == torch.bfloat16
         shard(step, mp_policy=bf16_policy() if mixed else None)
@@ -455,9 +472,14 @@ class Trainer:
     def setup_batches(self) -> None:
         """This process's share of every global batch (the whole batch with one process)."""
         cfg = self.cfg
-        batcher = UnlearnBatcher(self.rows_by_kind, cfg.train.batch_size, self.pad_id,
+        # packed sequences the reference runs on hold only rows it needs
+        separate = frozenset(reference_kinds(cfg.loss.method)) | {KIND_NORMAL}
+        rows = list(self.rows_by_kind)
+        if cfg.loss.eps_mismatch == 0:  # a term with weight 0: its rows are not drawn
+            rows[KIND_MISMATCH] = None
+        batcher = UnlearnBatcher(rows, cfg.train.batch_size, self.pad_id,
                                  cfg.train.seed, bucket=cfg.train.bucket_by_length,
-                                 pack=self.packing)
+                                 pack=self.packing, separate=separate)
         self.batcher = dist.RankBatcher(batcher)
 
     def setup_optimizer(self) -> None:
@@ -531,7 +553,8 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         batches = [self.batcher.next() for _ in range(cfg.train.grad_accum)]
-        micro = [prepare(b, self.device, self.policy, self.ref_cache) for b in batches]
+        micro = [prepare(b, self.device, self.policy, self.ref_cache, cfg.loss.method)
+                 for b in batches]
         eps = (cfg.loss.eps_forget, cfg.loss.eps_mismatch, cfg.loss.eps_normal)
         sums = accumulate(self.unlearn_step, micro, eps,
                           forward=lambda inputs, coef: micro_batch_loss(self.unlearn_step,
@@ -562,6 +585,7 @@ class Trainer:
             "forget_nll": sums["forget_nll"],
             "mismatch_nll": sums["mismatch_nll"],
             "normal_kl": sums["normal_kl"],
+            **({"forget_term": sums["forget_term"]} if "forget_term" in sums else {}),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": real,
@@ -569,8 +593,9 @@ class Trainer:
             "step_seconds": seconds,
             "tokens_per_s": real / seconds,
         }
-        terms = ("loss", "forget_nll", "mismatch_nll", "normal_kl")
-        bad = [f"{k}={row[k]}" for k in terms if not math.isfinite(row[k])]
+        terms = ("loss", "forget_nll", "mismatch_nll", "normal_kl", "forget_term")
+        bad = [f"{k}={row[k]}" for k in terms if row.get(k) is not None
+               and not math.isfinite(row[k])]
         if bad:
             raise FloatingPointError(f"non-finite loss at step {self.step} ({', '.join(bad)}): "
                                      "lower train.lr, or look for NaN / inf in the inputs")
@@ -699,7 +724,7 @@ class Trainer:
         from .models import eval_mode
 
         batch = collate_rows([_Row(list(ids), list(ids), KIND_FORGET)], self.pad_id)
-        with torch.no_grad(), eval_mode(self.unlearn_step):
+        with torch.no_grad(), eval_mode(self.unlearn_step), measuring(self.unlearn_step):
             out = self.unlearn_step(prepare(batch, self.device, self.policy), (1.0, 0.0, 0.0))
         return bool(torch.isfinite(dist.all_reduce_sum(out.forget_nll.detach().double().cpu())))
 
@@ -749,8 +774,11 @@ class Trainer:
         normal KL (and answer similarity) against the policy before step 1, which a straight
         run snapshots at its first evaluation. Take that snapshot now, before the checkpoint's
         weights replace the original ones."""
-        own_cache = self.cfg.model.reference == "cached" and not self.cfg.model.reference_name
-        if self.evaluator is not None and own_cache and not self.cfg.model.lora:
+        m = self.cfg.model
+        # no reference model: a cache of the policy itself, or graddiff (which needs none)
+        own = (m.reference == "cached" or self.cfg.loss.method == "graddiff") and \
+            not m.reference_name
+        if self.evaluator is not None and own and not m.lora:
             self.evaluator.ref = self.policy
             self.evaluator.snapshot_reference()
 
@@ -822,7 +850,9 @@ class Trainer:
                     row = self.train_step()
                     metrics.step(row)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", forget=f"{row['forget_nll']:.2f}",
+                    forget = row["forget_nll"] if row["forget_nll"] is not None else \
+                        row["forget_term"]
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", forget=f"{forget:.2f}",
                                     mismatch=f"{row['mismatch_nll']:.2f}",
                                     kl=f"{row['normal_kl']:.4f}",
                                     tok_s=f"{row['tokens_per_s']:.0f}")

@@ -28,9 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import method_terms
 from .losses import KIND_NORMAL, LossOutput, unlearn_loss
+from .losses.types import IGNORE_INDEX
+from .method_terms import MethodSettings
 from .models import eval_mode, head_of, trunk_of
-from .step import normal_row_indices, trunk_inputs, valid_positions
+from .step import normal_row_indices, trunk_inputs, valid_positions, valid_rows
 
 REFERENCES = ("copy", "adapters", "cached", "none")
 
@@ -42,36 +45,45 @@ class StepInputs:
     trunk: dict  # keyword arguments of the trunk (input_ids, attention_mask | position_ids)
     flat: torch.Tensor  # (N,) hidden-row index of every valid position
     labels: torch.Tensor  # (N,) shifted labels
-    kinds: torch.Tensor  # (N,) kind of every valid position
+    kinds: torch.Tensor  # (N,) kind of every valid position (3: idk_dpo's preferred rows)
     normal_sel: torch.Tensor  # (M,) indices into the N valid positions that are normal
-    ref_rows: tuple[int, int]  # normal rows [first, last) for a live reference pass
-    ref_pos: torch.Tensor  # (M,) hidden-row index of each normal position in the ref pass
+    ref_sel: torch.Tensor  # (K,) valid positions a live reference pass computes
+    ref_batch_rows: torch.Tensor  # batch rows the live reference pass runs on
+    ref_pos: torch.Tensor  # (K,) hidden-row index of each ref_sel position in that pass
     cached_ref: torch.Tensor | None  # (M, H) cached reference hidden states, or None
     counts: tuple[int, int, int]  # this rank's valid positions per kind (host ints)
+    sequence: torch.Tensor  # (N,) forget / preferred sequence of each position (else -1)
+    n_sequences: int  # this rank's forget sequences (= preferred sequences with idk_dpo)
 
 
-def prepare(batch, device: torch.device, model: nn.Module, cache=None) -> StepInputs:
+def prepare(batch, device: torch.device, model: nn.Module, cache=None,
+            method: str = "paper") -> StepInputs:
     """Valid rows, kinds and reference positions of ``batch`` (host work, then one copy each).
-    ``model``: the policy (packed rows get a mask built for its attention implementation)."""
+    ``model``: the policy (packed rows get a mask built for its attention implementation);
+    ``method``: which kinds the live reference pass covers (``method_terms.reference_kinds``)."""
     flat, labels, kinds = valid_positions(batch)
+    rows = valid_rows(batch)
     t = batch.input_ids.shape[1]
     sel = (kinds == KIND_NORMAL).nonzero().squeeze(1)
-    normal_rows = (batch.kind == KIND_NORMAL).nonzero().squeeze(1)
-    first, last = (int(normal_rows[0]), int(normal_rows[-1]) + 1) if normal_rows.numel() \
-        else (0, 0)
-    if last - first != normal_rows.numel():
-        raise ValueError("normal rows must be contiguous and last in a batch")
+    ref_sel = torch.isin(kinds, torch.tensor(method_terms.reference_kinds(method)))
+    ref_sel = ref_sel.nonzero().squeeze(1)
+    batch_row = flat // t
+    ref_batch_rows = torch.unique(batch_row[ref_sel])
+    ref_pos = torch.searchsorted(ref_batch_rows, batch_row[ref_sel]) * t + flat[ref_sel] % t
     cached = None
     if cache is not None and sel.numel():
+        normal_rows = (batch.kind == KIND_NORMAL).nonzero().squeeze(1)
         cached = cache.gather(normal_row_indices(batch, normal_rows))
         if cached.shape[0] != sel.numel():
             raise ValueError("reference cache does not match the batch's normal rows "
                              "(normal set or tokenisation changed): rebuild the cache")
         cached = cached.to(device, non_blocking=True)
     counts = tuple(int((kinds == k).sum()) for k in range(3))
+    sequence, n_sequences = method_terms.sequence_ids(rows, kinds)
     return StepInputs(trunk_inputs(model, batch, device), flat.to(device), labels.to(device),
-                      kinds.to(device), sel.to(device), (first, last),
-                      (flat[sel] - first * t).to(device), cached, counts)
+                      kinds.to(device), sel.to(device), ref_sel.to(device),
+                      ref_batch_rows.to(device), ref_pos.to(device), cached, counts,
+                      sequence.to(device), n_sequences)
 
 
 def coefficients(eps: tuple[float, float, float], global_counts) -> tuple[float, float, float]:
@@ -92,8 +104,11 @@ class UnlearnStep(nn.Module):
     def __init__(self, policy: nn.Module, reference: nn.Module | None = None, *,
                  mode: str | None = None, ref_head: torch.Tensor | None = None,
                  ref_bias: torch.Tensor | None = None, backend: str = "auto",
-                 chunk_rows: int | None = None, compute_dtype: torch.dtype = torch.float32):
+                 chunk_rows: int | None = None, compute_dtype: torch.dtype = torch.float32,
+                 method: MethodSettings | None = None):
         super().__init__()
+        self.method = method or MethodSettings()
+        self.method.check(policy, mode)
         if mode is None:
             mode = "copy" if reference is not None else \
                 ("adapters" if hasattr(policy, "disable_adapter") else "none")
@@ -138,45 +153,62 @@ class UnlearnStep(nn.Module):
     def _reference_trunk(self, trunk: dict) -> torch.Tensor:
         # Inside forward this is called directly: the registered wrapper would reshard the
         # root's weights on return, before the head is read.
-        if self.reference is not None:
-            ctx, model = contextlib.nullcontext(), self.reference
-        elif hasattr(self.policy, "disable_adapter"):
-            ctx, model = self.policy.disable_adapter(), self.policy
-        else:
+        if self.reference is not None or hasattr(self.policy, "disable_adapter"):
+            ctx, model = self._reference_model()
+        else:  # building the cache before training: the policy is the reference
             ctx, model = contextlib.nullcontext(), self.policy
         device = next(iter(trunk.values())).device
         with ctx, eval_mode(model), self._autocast(device):
             return trunk_of(model)(**trunk).last_hidden_state
 
     def _reference_hidden(self, inputs: StepInputs) -> torch.Tensor:
-        """(M, H) reference hidden states of the normal valid positions (a live pass)."""
-        first, last = inputs.ref_rows
-        rows = {k: v[first:last] if torch.is_tensor(v) else v for k, v in inputs.trunk.items()}
+        """(K, H) reference hidden states of the ``ref_sel`` valid positions (a live pass)."""
+        idx = inputs.ref_batch_rows
+        rows = {k: v.index_select(0, idx) if torch.is_tensor(v) else v
+                for k, v in inputs.trunk.items()}
         out = self._reference_trunk(rows)
         out = out.reshape(-1, out.shape[-1]).to(self.compute_dtype)
         return out[inputs.ref_pos]
 
+    def _reference_model(self):
+        """(context, model) of the reference: the copy, or the LoRA policy with adapters off."""
+        if self.reference is not None:
+            return contextlib.nullcontext(), self.reference
+        return self.policy.disable_adapter(), self.policy
+
     def forward(self, inputs: StepInputs, coef: tuple[float, float, float],
                 reduction: str = "sum") -> LossOutput:
         """The summed loss of this rank's rows, each kind weighted by ``coef`` (see
-        :func:`coefficients`). Every rank runs the same sequence of sharded calls whatever its
+        :func:`coefficients`; a per-sequence method's forget weight is divided by the forget
+        sequences instead). Every rank runs the same sequence of sharded calls whatever its
         rows (the layers gather their weights collectively). ``reduction="mean"``: each term
-        the mean over its own tokens of these rows, weighted by ``coef`` (one process only)."""
+        the mean over its own tokens (sequences) of these rows, weighted by ``coef`` (one
+        process only)."""
+        if reduction == "mean" and self.method.name != "paper":
+            out = self(inputs, method_terms.local_coefficients(self.method, coef, inputs))
+            return method_terms.as_means(out, self.method, inputs)
+        if self.method.name == "rmu":
+            return method_terms.rmu_forward(self, inputs, coef)
         device = inputs.flat.device
         eps_f, eps_m, eps_n = coef
-        live_ref = eps_n != 0 and self.mode in ("copy", "adapters")
-        if live_ref and inputs.ref_rows[1] == inputs.ref_rows[0]:
+        method = self.method
+        needs_kl = eps_n != 0 and method.retain == "kl"
+        live_ref = (needs_kl or method.reference_on_forget) and \
+            self.mode in ("copy", "adapters")
+        if live_ref and not inputs.ref_sel.numel():
             raise ValueError("every micro-batch of every rank needs a normal row")
         ref_h = self._reference_hidden(inputs) if live_ref else None
         with self._autocast(device):
             hidden = trunk_of(self.policy)(**inputs.trunk).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).to(self.compute_dtype)[inputs.flat]
-        if self.mode == "cached" and eps_n != 0 and inputs.cached_ref is not None:
-            ref_h = inputs.cached_ref.to(self.compute_dtype)
         ref_hidden = None
-        if ref_h is not None and inputs.normal_sel.numel():
+        if ref_h is not None:
             ref_hidden = hidden.new_zeros(hidden.shape)
-            ref_hidden[inputs.normal_sel] = ref_h
+            ref_hidden[inputs.ref_sel] = ref_h
+        elif self.mode == "cached" and needs_kl and inputs.cached_ref is not None \
+                and inputs.normal_sel.numel():
+            ref_hidden = hidden.new_zeros(hidden.shape)
+            ref_hidden[inputs.normal_sel] = inputs.cached_ref.to(self.compute_dtype)
 
         head = head_of(self.policy)  # whole here: inside the root's forward
         weight = head.weight.to(self.compute_dtype)
@@ -195,12 +227,24 @@ class UnlearnStep(nn.Module):
         else:  # adapters (LoRA leaves the head alone) or no reference: the loss detaches it
             ref_weight, ref_bias = None, None if bias is None else bias.detach()
         n_f, n_m, n_n = inputs.counts
-        return unlearn_loss(hidden, weight, inputs.labels, inputs.kinds, ref_hidden, ref_weight,
-                            eps_forget=eps_f, eps_mismatch=eps_m, eps_normal=eps_n, bias=bias,
-                            ref_bias=ref_bias, softcap=head.softcap,
-                            logit_scale=head.logit_scale, reduction=reduction,
-                            backend=self.backend, chunk_rows=self.chunk_rows,
-                            num_rows=(n_f, n_m, n_n if ref_hidden is not None else 0))
+        labels = inputs.labels
+        if method.per_sequence:  # forget (and preferred) rows go to the method's own term
+            labels = torch.where(inputs.sequence >= 0, IGNORE_INDEX, labels)
+            n_f = 0
+        kl_hidden = ref_hidden if needs_kl else None
+        out = unlearn_loss(hidden, weight, labels, inputs.kinds.clamp(max=2), kl_hidden,
+                           ref_weight, eps_forget=eps_f, eps_mismatch=eps_m, eps_normal=eps_n,
+                           bias=bias, ref_bias=ref_bias, softcap=head.softcap,
+                           logit_scale=head.logit_scale, reduction=reduction,
+                           backend=self.backend, chunk_rows=self.chunk_rows,
+                           num_rows=(n_f, n_m, n_n if kl_hidden is not None else 0))
+        if method.name == "paper":
+            return out
+        head_args = dict(bias=bias, ref_bias=ref_bias, softcap=head.softcap,
+                         logit_scale=head.logit_scale, backend=self.backend,
+                         chunk_rows=self.chunk_rows)
+        return method_terms.add_method_terms(out, method, inputs, coef, hidden, weight,
+                                             ref_hidden, ref_weight, head_args)
 
 
 def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, float, float],
@@ -215,19 +259,41 @@ def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, flo
     """
     from .distributed import all_reduce_sum, global_kind_counts
 
-    counts = global_kind_counts([sum(c) for c in zip(*(m.counts for m in micro))])
+    local = [sum(c) for c in zip(*(m.counts for m in micro))]
+    *counts, n_sequences = global_kind_counts(local + [sum(m.n_sequences for m in micro)])
     coef = coefficients(eps, counts)
-    sums = torch.zeros(4, dtype=torch.float64)
+    if step.method.per_sequence:
+        coef = (eps[0] / max(n_sequences, 1),) + coef[1:]
+    sums = torch.zeros(5, dtype=torch.float64)
     for i, inputs in enumerate(micro):
         set_gradient_sync(step, i == len(micro) - 1)
         out = (forward or step)(inputs, coef)
         out.loss.backward()
+        forget_term = out.loss.new_zeros(()) if out.forget_term is None else out.forget_term
         sums += torch.stack([t.detach().double().cpu() for t in
-                             (out.loss, out.forget_nll, out.mismatch_nll, out.normal_kl)])
+                             (out.loss, out.forget_nll, out.mismatch_nll, out.normal_kl,
+                              forget_term)])
     sums = all_reduce_sum(sums).tolist()
-    return {"loss": sums[0], "forget_nll": sums[1] / max(counts[0], 1),
-            "mismatch_nll": sums[2] / max(counts[1], 1),
-            "normal_kl": sums[3] / max(counts[2], 1), "counts": counts}
+    metrics = {"loss": sums[0], "forget_nll": sums[1] / max(counts[0], 1),
+               "mismatch_nll": sums[2] / max(counts[1], 1),
+               "normal_kl": sums[3] / max(counts[2], 1), "counts": counts}
+    if step.method.name != "paper":  # the method's own forget term, mean per token / sequence
+        per = n_sequences if step.method.per_sequence else counts[0]
+        metrics["forget_term"] = sums[4] / max(per, 1)
+    if not step.method.has_head:
+        metrics["forget_nll"] = None  # rmu never computes logits
+    return metrics
+
+
+@contextlib.contextmanager
+def measuring(step: UnlearnStep):
+    """Inside: the step computes the paper's terms (forget NLL, mismatch NLL, normal KL) whatever
+    its method, for likelihood metrics."""
+    saved, step.method = step.method, MethodSettings()
+    try:
+        yield step
+    finally:
+        step.method = saved
 
 
 @torch.no_grad()
@@ -239,7 +305,7 @@ def likelihood_metrics(step: UnlearnStep, micro: list[StepInputs]) -> dict:
 
     counts = global_kind_counts([sum(c) for c in zip(*(m.counts for m in micro))])
     sums = torch.zeros(3, dtype=torch.float64)
-    with eval_mode(step):
+    with eval_mode(step), measuring(step):
         for inputs in micro:
             out = step(inputs, (1.0, 1.0, 1.0))
             sums += torch.stack([t.double().cpu() for t in

@@ -58,10 +58,13 @@ def test_quick_mode_writes_rows(tmp_path):
 def test_parse_impl():
     mod = _module()
     assert mod.parse_impl("ours+lora+ckpt@chunked") == {
-        "name": "ours", "backend": "chunked", "lora": True, "cached": False, "bf16ref": False,
-        "ckpt": True, "bf16w": False, "sr": False, "torchlin": False, "lean": False}
+        "name": "ours", "backend": "chunked", "method": "paper", "lora": True, "cached": False,
+        "bf16ref": False, "ckpt": True, "bf16w": False, "sr": False, "torchlin": False,
+        "lean": False}
     assert mod.parse_impl("paper")["name"] == "paper"
-    for bad in ("liger", "ours+fast", "paper+lora", "paper@chunked", "ours+sr"):
+    assert mod.parse_impl("ours+npo+lean")["method"] == "npo"
+    for bad in ("liger", "ours+fast", "paper+lora", "paper@chunked", "ours+sr", "paper+npo",
+                "ours+npo+rmu"):
         with pytest.raises(ValueError):
             mod.parse_impl(bad)
 

@@ -39,6 +39,9 @@ class LossOutput:
     n_mismatch: torch.Tensor
     n_normal: torch.Tensor
     backend: str = "reference"
+    # A method other than the paper's: its own forget term (summed like the others); None for
+    # the paper's loss, whose forget term is -forget_nll.
+    forget_term: torch.Tensor | None = None
 
     def detached(self) -> dict[str, float]:
         """Host-side floats for logging (this synchronises, so it also raises a bad-row error
