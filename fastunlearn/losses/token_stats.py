@@ -28,10 +28,12 @@ On the driver path one custom op (``fastunlearn::token_stats``) runs, without gr
               gradients appears twice in that one call, so dW accumulates in one fp32 buffer;
               an output that got no gradient (unused) adds no rows.
 
-Cost in head GEMMs (N rows): forward N (policy) + N (reference) + 2N more for the KL copy
-(``with_kl=False`` skips it); backward N policy logits + N dX + N dW, plus the same again with
-reference logits for the KL rows when kl carries a gradient. Each driver call reads the valid-row
-count back from the device once.
+Cost in row GEMMs against the head (N valid rows): forward N policy + N reference logits, and N
+policy + N reference more for the KL copy (``with_kl=False`` skips it); backward N policy logits
++ N dX + N dW, and the same plus N reference logits again when kl carries a gradient. The policy
+logits are computed twice (forward and backward) because a sequence method's per-row gradient
+coefficient depends on the whole sequence's sum: keeping them instead would cost (BT, V) memory.
+Each driver call reads the valid-row count back from the device once.
 """
 from __future__ import annotations
 
