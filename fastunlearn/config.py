@@ -76,7 +76,9 @@ class LossSection:
     beta: float | None = None  # npo / simnpo / idk_dpo inverse temperature (None: the method's)
     gamma: float = 0.0  # simnpo margin
     rmu_layer: int | None = None  # rmu: decoder layer whose output is steered (None: depth / 4)
-    rmu_steer: float = 20.0  # rmu: norm-like scale c of the random direction forget states go to
+    # rmu: length c of the random direction forget states are pushed to; about 2x the typical
+    # hidden-state norm at the layer (SmolLM2-135M, layer 7: median 110)
+    rmu_steer: float = 200.0
     backend: str = "auto"
     chunk_rows: int | None = None
 

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from .losses import LossOutput, token_stats
-from .losses.methods import DEFAULT_BETA, _forget_term, rmu_control_vector, rmu_loss
+from .losses.methods import (
+    DEFAULT_BETA,
+    forget_term_from_logprobs,
+    rmu_control_vector,
+    rmu_loss,
+)
 from .losses.types import KIND_FORGET, KIND_NORMAL
 from .models import eval_mode
 
@@ -37,7 +42,7 @@ class MethodSettings:
     beta: float | None = None
     gamma: float = 0.0
     rmu_layer: int | None = None
-    rmu_steer: float = 20.0
+    rmu_steer: float = 200.0
     seed: int = 0
 
     @property
@@ -155,8 +160,10 @@ def add_method_terms(out: LossOutput, method: MethodSettings, inputs, coef, hidd
         if method.name == "idk_dpo":
             forget_ids = torch.arange(n, device=segment.device)
             pairs = torch.stack([forget_ids + n, forget_ids], 1)
-        forget_term = _forget_term(method.name, logp, logp_ref, torch.ones_like(preferred),
-                                   segment, 2 * n, pairs, method.beta, method.gamma, "sum")
+        # every selected position is valid (prepare keeps valid positions only)
+        forget_term = forget_term_from_logprobs(
+            method.name, logp, logp_ref, torch.ones_like(preferred), segment, 2 * n, pairs,
+            method.beta, method.gamma, "sum")
         loss = loss + eps_f * forget_term
         forget_nll = -torch.where(preferred, 0.0, logp).sum().detach()
         forget_term = forget_term.detach()

@@ -176,10 +176,10 @@ def _check_pairs(pairs, n_segments):
     return pairs.long()
 
 
-def _forget_term(method, logp, logp_ref, valid, segment, n_segments, pairs, beta, gamma,
-                 reduction):
-    """The forget term from per-token logp (and logp_ref): shared by the fused path and the
-    specification, which differ only in where logp comes from."""
+def forget_term_from_logprobs(method, logp, logp_ref, valid, segment, n_segments, pairs, beta,
+                              gamma, reduction):
+    """The forget term from per-token logp (and logp_ref): shared by the fused path, the
+    specification and the trainer's step, which differ only in where logp comes from."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     member = valid & (segment >= 0)
@@ -242,8 +242,8 @@ def method_forget_loss(method: str, hidden: Tensor, weight: Tensor, labels: Tens
         bias=bias, ref_bias=ref_bias, softcap=softcap, logit_scale=logit_scale,
         ignore_index=ignore_index, backend=backend, chunk_rows=chunk_rows, with_kl=False)
     valid = labels.reshape(-1) != ignore_index
-    return _forget_term(method, logp, logp_ref, valid, segment.long(), n_segments, pairs, beta,
-                        gamma, reduction)
+    return forget_term_from_logprobs(method, logp, logp_ref, valid, segment.long(), n_segments,
+                                     pairs, beta, gamma, reduction)
 
 
 # ----------------------------------------------------------------------------- specification
@@ -296,5 +296,5 @@ def method_forget_loss_ref(method: str, hidden: Tensor, weight: Tensor, labels: 
                                           bias=None if ref_bias is None else ref_bias.detach(),
                                           **kw)
     valid = labels.reshape(-1) != ignore_index
-    return _forget_term(method, logp, logp_ref, valid, segment.long(), n_segments, pairs, beta,
-                        gamma, reduction)
+    return forget_term_from_logprobs(method, logp, logp_ref, valid, segment.long(), n_segments,
+                                     pairs, beta, gamma, reduction)
