@@ -205,8 +205,8 @@ def fitted_weights():
     model = tiny_llama(128, seed=0).train()
     rows = _rows("paper")
     batch = collate_rows(rows[0] + rows[2], tiny_tokenizer().pad_token_id)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(30):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(50):
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      labels=batch.labels).loss
         loss.backward()
