@@ -40,8 +40,11 @@ class Row:
     kind: int
 
 
-def make_rows(n: int = 6, seed: int = 0) -> list[list[Row]]:
-    """Rows of each kind with random lengths; the prompt part of each row is ignored."""
+def make_rows(n: int = 6, seed: int = 0, method: str = "paper") -> list[list[Row]]:
+    """Rows of each kind with random lengths; the prompt part of each row is ignored. idk_dpo
+    also gets a preferred row per forget row (its prompt, another answer)."""
+    from fastunlearn.data import KIND_PREFERRED, PreferredRows
+
     rng = random.Random(seed)
     kinds = []
     for kind in range(3):
@@ -51,11 +54,23 @@ def make_rows(n: int = 6, seed: int = 0) -> list[list[Row]]:
             ids = [rng.randint(6, 127) for _ in range(length)]
             rows.append(Row(ids, [-100] * prompt + ids[prompt:], kind))
         kinds.append(rows)
+    if method == "idk_dpo":
+        preferred = PreferredRows()
+        for r in kinds[0]:
+            prompt = r.labels.count(-100)
+            ids = r.input_ids[:prompt] + [rng.randint(6, 127) for _ in range(rng.randint(2, 6))]
+            preferred.append(Row(ids, [-100] * prompt + ids[prompt:], KIND_PREFERRED))
+        kinds.append(preferred)
     return kinds
 
 
 def build(opts: dict) -> UnlearnStep:
+    from fastunlearn.method_terms import MethodSettings
+
     policy = tiny_llama(tie=opts.get("tie", True), seed=0)
+    if "method" in opts:
+        return UnlearnStep(policy, frozen_copy(policy), backend=opts.get("backend", "reference"),
+                           method=MethodSettings(opts["method"], beta=0.5))
     ref = opts.get("ref", "copy")
     if ref == "adapters":
         from peft import LoraConfig, get_peft_model
@@ -95,15 +110,19 @@ class Run:
         self.optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, eps=1e-6)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: 1.0 / (1 + s))
-        batcher = UnlearnBatcher(make_rows(), opts.get("batch_size", 4), pad_id=1, seed=0,
-                                 bucket=False, pack=opts.get("pack", False))
+        from fastunlearn.method_terms import reference_kinds
+
+        self.method = opts.get("method", "paper")
+        batcher = UnlearnBatcher(make_rows(method=self.method), opts.get("batch_size", 4),
+                                 pad_id=1, seed=0, bucket=False, pack=opts.get("pack", False),
+                                 separate=frozenset(reference_kinds(self.method)) | {2})
         self.data = fdist.RankBatcher(batcher)
         self.step = 0
 
     def train_step(self) -> dict:
         cache = getattr(self.step_module, "cache", None)
-        micro = [prepare(self.data.next(), torch.device("cpu"), self.step_module.policy, cache)
-                 for _ in range(self.opts.get("grad_accum", 1))]
+        micro = [prepare(self.data.next(), torch.device("cpu"), self.step_module.policy, cache,
+                         self.method) for _ in range(self.opts.get("grad_accum", 1))]
         metrics = accumulate(self.step_module, micro, EPS)
         params = [p for p in self.step_module.policy.parameters() if p.requires_grad]
         metrics["grad_norm"] = clip_grad_norm(params, self.opts.get("max_grad_norm", 0.5))
@@ -160,6 +179,12 @@ CASES = {
     "reference-untied-packed": {"backend": "reference", "tie": False, "pack": True},
     "chunked-untied-bf16-reference": {"backend": "chunked", "tie": False,
                                       "ref_dtype": torch.bfloat16},
+    # per-sequence forget terms: normalised by the forget sequences of all ranks
+    "chunked-tied-npo-accum2": {"backend": "chunked", "method": "npo", "grad_accum": 2,
+                                "batch_size": 2},
+    "reference-untied-idk_dpo-packed": {"backend": "reference", "tie": False,
+                                        "method": "idk_dpo", "pack": True},
+    "chunked-tied-graddiff": {"backend": "chunked", "method": "graddiff"},
 }
 
 
