@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import chunked, reference  # noqa: F401  (chunked registers itself)
-from .checks import check_inputs, raise_deferred_errors
+from .checks import check_inputs, flat_rows, raise_deferred_errors
 from .options import LossOptions
 from .registry import Backend, register_backend, resolve_backend
 from .types import (
@@ -96,14 +96,9 @@ def unlearn_loss(
                               logit_scale, ignore_index, chunk_rows,
                               None if num_rows is None else tuple(num_rows))
     raise_deferred_errors()
-    if hidden.dim() == 3:
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        if ref_hidden is not None:
-            ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-    labels = labels.reshape(-1)
+    hidden, ref_hidden, labels, ref_bias = flat_rows(hidden, ref_hidden, labels, ref_weight,
+                                                     bias, ref_bias)
     kind = kind.reshape(-1)
-    if ref_weight is None and ref_bias is None:
-        ref_bias = bias  # the reference head is the policy head, bias included
     chosen = resolve_backend(backend, hidden.device.type)
     check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, options,
                  dtypes=chosen.dtypes, backend=chosen.name,

@@ -142,3 +142,16 @@ def raise_deferred_errors(block: bool = False) -> None:
         if int(host) != 0:
             _PENDING.clear()
             raise error
+
+
+def flat_rows(hidden, ref_hidden, labels, ref_weight, bias, ref_bias):
+    """(hidden, ref_hidden, labels, ref_bias) in the form every entry point works on: (B, T, H)
+    states as (BT, H) rows, labels as (BT,), and the reference bias defaulting to the policy's
+    when the reference head is the policy head."""
+    if hidden.dim() == 3:
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if ref_hidden is not None:
+            ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    if ref_weight is None and ref_bias is None:
+        ref_bias = bias  # the reference head is the policy head, bias included
+    return hidden, ref_hidden, labels.reshape(-1), ref_bias

@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import check_inputs, raise_deferred_errors
+from .checks import check_inputs, flat_rows, raise_deferred_errors
 from .driver import run_chunks, torch_row_pass
 from .options import LossOptions
 from .reference import token_stats_ref
@@ -271,13 +271,8 @@ def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor,
     """
     options = _pass_options(softcap, logit_scale, ignore_index, chunk_rows)
     raise_deferred_errors()
-    if hidden.dim() == 3:
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        if ref_hidden is not None:
-            ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-    labels = labels.reshape(-1)
-    if ref_weight is None and ref_bias is None:
-        ref_bias = bias  # the reference head is the policy head, bias included
+    hidden, ref_hidden, labels, ref_bias = flat_rows(hidden, ref_hidden, labels, ref_weight,
+                                                     bias, ref_bias)
     chosen = resolve_backend(backend, hidden.device.type)
     if chosen.name not in TOKEN_STATS_PATHS:
         raise BackendUnavailableError(f"backend {chosen.name!r} has no token-stats path "
