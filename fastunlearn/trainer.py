@@ -52,7 +52,14 @@ from .optim import StochasticRoundingAdamW
 from .provenance import provenance, versions, write_model_files
 from .signals import Terminated
 from .step import ReferenceRunner, reference_mode
-from .unlearn_step import UnlearnStep, accumulate, clip_grad_norm, measuring, prepare
+from .unlearn_step import (
+    RETAIN_METRICS,
+    UnlearnStep,
+    accumulate,
+    clip_grad_norm,
+    measuring,
+    prepare,
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -585,7 +592,7 @@ class Trainer:
             "forget_nll": sums["forget_nll"],
             "mismatch_nll": sums["mismatch_nll"],
             "normal_kl": sums["normal_kl"],
-            **({"forget_term": sums["forget_term"]} if "forget_term" in sums else {}),
+            **{k: sums[k] for k in ("forget_term", "normal_nll", "normal_distance") if k in sums},
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": real,
@@ -593,7 +600,8 @@ class Trainer:
             "step_seconds": seconds,
             "tokens_per_s": real / seconds,
         }
-        terms = ("loss", "forget_nll", "mismatch_nll", "normal_kl", "forget_term")
+        terms = ("loss", "forget_nll", "mismatch_nll", "normal_kl", "forget_term", "normal_nll",
+                 "normal_distance")
         bad = [f"{k}={row[k]}" for k in terms if row.get(k) is not None
                and not math.isfinite(row[k])]
         if bad:
@@ -602,7 +610,7 @@ class Trainer:
         # Divergence guard: the descent terms blow up when the ascent runs away.
         for key, bound in (("normal_kl", cfg.train.max_normal_kl),
                            ("mismatch_nll", cfg.train.max_mismatch_nll)):
-            if bound is not None and row[key] > bound:
+            if bound is not None and row[key] is not None and row[key] > bound:
                 raise FloatingPointError(f"training diverged at step {self.step}: {key} "
                                          f"{row[key]:.4g} > train.max_{key} = {bound:g}; lower "
                                          "train.lr or the loss coefficients")
@@ -852,10 +860,11 @@ class Trainer:
                     bar.update(1)
                     forget = row["forget_nll"] if row["forget_nll"] is not None else \
                         row["forget_term"]
+                    normal = next(row[k] for k in RETAIN_METRICS.values()
+                                  if row.get(k) is not None)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", forget=f"{forget:.2f}",
                                     mismatch=f"{row['mismatch_nll']:.2f}",
-                                    kl=f"{row['normal_kl']:.4f}",
-                                    tok_s=f"{row['tokens_per_s']:.0f}")
+                                    normal=f"{normal:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                     if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                         self.save_checkpoint()
                     if self._sigterm:

@@ -36,6 +36,8 @@ from .models import eval_mode, head_of, trunk_of
 from .step import normal_row_indices, trunk_inputs, valid_positions, valid_rows
 
 REFERENCES = ("copy", "adapters", "cached", "none")
+# The metric name of the normal rows' term of each ``MethodSettings.retain``.
+RETAIN_METRICS = {"kl": "normal_kl", "nll": "normal_nll", "activations": "normal_distance"}
 
 
 @dataclass
@@ -275,8 +277,9 @@ def accumulate(step: UnlearnStep, micro: list[StepInputs], eps: tuple[float, flo
                               forget_term)])
     sums = all_reduce_sum(sums).tolist()
     metrics = {"loss": sums[0], "forget_nll": sums[1] / max(counts[0], 1),
-               "mismatch_nll": sums[2] / max(counts[1], 1),
-               "normal_kl": sums[3] / max(counts[2], 1), "counts": counts}
+               "mismatch_nll": sums[2] / max(counts[1], 1), "normal_kl": None, "counts": counts}
+    # the normal rows' term under its own name: KL, NLL (graddiff) or distance (rmu)
+    metrics[RETAIN_METRICS[step.method.retain]] = sums[3] / max(counts[2], 1)
     if step.method.name != "paper":  # the method's own forget term, mean per token / sequence
         per = n_sequences if step.method.per_sequence else counts[0]
         metrics["forget_term"] = sums[4] / max(per, 1)

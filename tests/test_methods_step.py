@@ -236,8 +236,11 @@ def test_every_method_raises_the_forget_nll(name, fitted_weights):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["forget_term"]) for r in rows)
     if name == "rmu":
         assert rows[0]["forget_nll"] is None and rows[0]["mismatch_nll"] == 0.0
+        # its retain term is a distance between hidden states, never reported as a KL
+        assert rows[0]["normal_kl"] is None and rows[0]["normal_distance"] >= 0
     if name == "graddiff":
         assert trainer.reference is None  # holds normal rows by their NLL: no reference
+        assert rows[0]["normal_kl"] is None and rows[0]["normal_nll"] > 0
 
 
 @pytest.mark.parametrize("name", ["npo", "idk_dpo"])
