@@ -275,9 +275,10 @@ def test_token_stats_never_allocates_batch_logits(backend):
     assert (big != []) == (backend == "reference"), big
 
 
-@pytest.mark.parametrize("backend", ["chunked", "cpp"], indirect=True)
+@pytest.mark.parametrize("backend", ["chunked"], indirect=True)
 def test_token_stats_frozen_head_runs_no_dw_gemm(backend):
-    """On the driver path a frozen head (LoRA) costs no dW GEMM in the backward."""
+    """On the driver path a frozen head (LoRA) costs no dW GEMM in the backward (cpp runs the
+    same driver code, its GEMMs inside the extension, out of the dispatcher's sight)."""
     if backend not in loss_backends():
         pytest.skip(f"{backend} does not run here")
     bt, hd, v = 24, 16, 40

@@ -63,6 +63,12 @@ def _gemm_self_check(ext) -> bool:
     return all(torch.allclose(x, y, rtol=1e-5, atol=1e-5) for x, y in cases)
 
 
+def onednn_gemm(a, b, out, beta):
+    """out = beta * out + a @ b (fp32) through the extension's GEMM engine: the driver's GEMMs on
+    CPU (``token_stats`` on this backend), at the speed of the fused loop's own."""
+    return load().gemm(a, b, out, float(beta))
+
+
 def gemm_engine() -> str:
     """The GEMM engine the extension uses: 'onednn' or 'aten' (builds the extension)."""
     return load().gemm_engine()

@@ -84,6 +84,13 @@ def gemm_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def torch_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, beta: float) -> torch.Tensor:
+    """out = beta * out + a @ b with torch's GEMM (beta = 0: out's old contents are ignored)."""
+    if beta == 0.0:
+        return torch.mm(a, b, out=out)
+    return out.addmm_(a, b, beta=beta)
+
+
 def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
     """dw (V, H) = or += dz^T h with dw's precision (fp32 for low-precision inputs)."""
     from fastunlearn.triton_kernels.dw_accumulate import accumulate_dw as acc
@@ -126,7 +133,7 @@ def _host_counts(bad, counts, options: LossOptions, has_ref: bool, vocab: int):
 
 def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
                options: LossOptions, row_pass, *, need_dx=True, need_dw=True, need_db=True,
-               row_weight=None, row_values=None):
+               row_weight=None, row_values=None, fp32_gemm=None):
     """(loss, terms (3,), counts (3,), dX, dW, db) for grad_output = 1.
 
     dX in hidden's dtype, dW in weight's dtype, db in bias's dtype; an input that needs no
@@ -136,6 +143,8 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
     each row's coefficient, so the gradients are those of sum_r coef_r * row_weight_r * val_r;
     ``row_values`` (BT,) fp32, filled in caller order with each counted row's NLL / KL (the
     other rows keep their value). ``loss`` and ``terms`` ignore ``row_weight``.
+    ``fp32_gemm(a, b, out, beta)`` (out = beta * out + a @ b) replaces torch's GEMMs when the
+    head is fp32 (the cpp backend's oneDNN engine on CPU).
     """
     need_db = need_db and bias is not None
     device = hidden.device
@@ -168,6 +177,7 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
     row_scale = row_scale.contiguous()
 
     gdt = gemm_dtype(weight)
+    mm = fp32_gemm if fp32_gemm is not None and gdt == torch.float32 else torch_gemm
     acc_dt = torch.promote_types(gdt, torch.float32)
     s = options.logit_scale
     w = weight.detach()
@@ -197,25 +207,28 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
             n_ref = max(0, s0 + r - max(s0, first_normal))
             idx = order[s0:s0 + r]
             hc = _gather(hidden, idx, gdt, s)
-            z = torch.mm(hc, w.t(), out=zbuf[:r])  # 1
+            z = mm(hc, w.t(), zbuf[:r], 0.0)  # 1
             mark("logits")
             zr = None
             if n_ref:
                 hr = _gather(ref_hidden, idx[r - n_ref:], gdt, s)
-                zr = torch.mm(hr, rw.t(), out=zrbuf[:n_ref])  # 2
+                zr = mm(hr, rw.t(), zrbuf[:n_ref], 0.0)  # 2
                 mark("ref_logits")
             vals[s0:s0 + r] = row_pass(z, zr, labels_sorted[s0:s0 + r],  # 3
                                        row_scale[s0:s0 + r], r - n_ref, hc, w, b32, rb32,
                                        options.softcap)
             mark("row_pass")
             if need_dx:  # 4
-                d = torch.mm(z, w, out=dxbuf[:r])
+                d = mm(z, w, dxbuf[:r], 0.0)
                 if s != 1.0:
                     d.mul_(s)
                 dx.index_copy_(0, idx, d.to(dx.dtype))
                 mark("dx")
             if need_dw:  # 5
-                accumulate_dw(dw, z, hc, first=i == 0)
+                if fp32_gemm is not None and gdt == torch.float32:
+                    fp32_gemm(z.t(), hc, dw, 0.0 if i == 0 else 1.0)
+                else:
+                    accumulate_dw(dw, z, hc, first=i == 0)
                 mark("dw")
             if need_db:  # 6
                 db += z.sum(0, dtype=acc_dt)

@@ -12,8 +12,9 @@ The specification is ``reference.token_stats_ref``.
 How each backend computes them (``TOKEN_STATS_PATHS``):
 
 * chunked, cuda: the shared chunk driver (``driver.run_chunks``) with the backend's row pass;
-* cpp: the chunk driver with the PyTorch row pass (the C++ extension's fused loop returns loss
-  terms only, no per-row values, and has no row pass the driver could call);
+* cpp: the chunk driver with the PyTorch row pass and the extension's fp32 GEMM engine (oneDNN;
+  the C++ extension's fused loop returns loss terms only, no per-row values, and has no row pass
+  the driver could call);
 * triton: the Triton token-stats loop (``triton_kernels/token_stats.py``), the logit scale folded
   into its inputs (hidden * s, bias * s);
 * reference: ``token_stats_ref`` with the (BT, V) logits in memory (testing).
@@ -52,7 +53,8 @@ from .types import IGNORE_INDEX, KIND_MISMATCH, KIND_NORMAL
 TOKEN_STATS_PATHS = {
     "reference": "plain PyTorch (token_stats_ref), (BT, V) logits materialised (testing)",
     "chunked": "chunk driver + PyTorch row pass",
-    "cpp": "chunk driver + PyTorch row pass (the C++ extension has no per-row outputs)",
+    "cpp": "chunk driver + PyTorch row pass, the extension's GEMM engine (the C++ loop has no "
+           "per-row outputs)",
     "cuda": "chunk driver + CUDA row-pass kernel",
     "triton": "Triton token-stats loop (triton_kernels/token_stats.py)",
 }
@@ -70,12 +72,16 @@ def _pass_options(softcap, logit_scale, ignore_index, chunk_rows) -> LossOptions
 
 
 def _row_pass(backend: str):
-    """(row pass, whether it needs a contiguous head) of a driver backend."""
+    """(row pass, whether it needs a contiguous head, fp32 GEMM or None) of a driver backend."""
     if backend == "cuda":
         from .cuda_backend import _kernel_row_pass
 
-        return _kernel_row_pass, True  # the kernel reads W[y] rows with unit strides
-    return torch_row_pass, False
+        return _kernel_row_pass, True, None  # the kernel reads W[y] rows with unit strides
+    if backend == "cpp":  # the extension's GEMM engine (oneDNN), not torch's, as its loop does
+        from .cpp_backend import onednn_gemm
+
+        return torch_row_pass, False, onednn_gemm
+    return torch_row_pass, False, None
 
 
 def _driver_pass(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, options,
@@ -83,7 +89,7 @@ def _driver_pass(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias,
     """One driver call with the rows once per entry of ``kinds`` (NLL and / or KL rows).
 
     Returns (values (len(kinds), BT) fp32, dX (BT, H) summed over the copies, dW, db)."""
-    row_pass, contiguous = _row_pass(backend)
+    row_pass, contiguous, fp32_gemm = _row_pass(backend)
     bt = hidden.shape[0]
     n = len(kinds)
 
@@ -97,7 +103,7 @@ def _driver_pass(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias,
         repeat(hidden.detach()), weight.detach().contiguous() if contiguous else weight.detach(),
         repeat(labels), kind, repeat(ref_hidden) if _KL_ROWS in kinds else None, ref_weight,
         bias, ref_bias, options, row_pass, need_dx=need[0], need_dw=need[1], need_db=need[2],
-        row_weight=row_weight, row_values=values)
+        row_weight=row_weight, row_values=values, fp32_gemm=fp32_gemm)
     if need[0] and n > 1:  # the copies of a row add up
         dx = dx.view(n, bt, -1).sum(0, dtype=torch.promote_types(dx.dtype, torch.float32))
         dx = dx.to(hidden.dtype)
