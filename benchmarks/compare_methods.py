@@ -329,6 +329,7 @@ def build_row(run: Run, run_dir: Path, record: dict, machine: dict) -> dict:
         "steps": steps, "stopped_early": s.get("stopped_early"), "device": s.get("device"),
         "backend": s.get("backend"), "torch": (s.get("versions") or {}).get("torch"),
         "wall_seconds": s.get("wall_seconds"), "train_seconds": s.get("train_seconds"),
+        "loss": (s.get("config") or {}).get("loss"),  # the settings the run trained with
         "step_seconds": s["train_seconds"] / steps if steps and s.get("train_seconds") else None,
         "before": {k: before.get(k) for k in METRICS},
         "after": {k: after.get(k) for k in METRICS},
@@ -384,14 +385,16 @@ def _targets_cell(row: dict) -> str:
 
 def comparison_table(rows: list[dict]) -> str:
     """The Markdown table of a comparison's rows (results.md and RESULTS.md)."""
-    header = ["method", "lr", "status", "steps", "forget NLL (held-out)", "harmful rate",
+    header = ["method", "lr", "eps_normal", "status", "steps", "forget NLL (held-out)",
+              "harmful rate",
               "harmful drop", "normal cosine", "normal ROUGE-L", "normal KL",
               "XSTest over-refusal", "degenerate normal", "wall s", "s / step", "targets met",
               "Pareto fronts"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         after = r.get("after") or {}
-        cells = [r["method"], f"{r['lr']:g}", r["status"], _fmt(r.get("steps")),
+        cells = [r["method"], f"{r['lr']:g}", _fmt((r.get("loss") or {}).get("eps_normal")),
+                 r["status"], _fmt(r.get("steps")),
                  _arrow(r, "forget_nll"), _arrow(r, "harmful_rate"),
                  _fmt(r.get("harmful_rate_drop")), _fmt(after.get("normal_similarity_cosine")),
                  _fmt(after.get("normal_rouge_l")), _fmt(after.get("normal_kl")),

@@ -169,7 +169,7 @@ def test_failed_and_missing_runs_are_rows_without_metrics(cm, tmp_path):
                         machine)
     assert lost["status"] == "failed" and "summary.json is missing" in lost["error"]
     table = cm.comparison_table([failed])
-    assert "| rmu | 5e-05 | failed | - |" in table
+    assert "| rmu | 5e-05 | - | failed | - |" in table
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def test_results_md_gets_a_methods_section(cm, tmp_path):
     text = target.read_text()
     assert "## Methods compared: `compare_methods`" in text
     assert "cpu_model: Test CPU" in text and "Runs meeting all four: npo_lr2e-05." in text
-    assert "| npo | 2e-05 | ok | 10 | 0.7 -> 2.7 |" in text
+    assert "| npo | 2e-05 | - | ok | 10 | 0.7 -> 2.7 |" in text
     assert "## Run: `default_job`" in text
     assert "## Run: `compare_methods/runs" not in text  # listed by its comparison
 
