@@ -388,6 +388,11 @@ def validate(cfg: RunConfig) -> None:
         (lo.method != "rmu" or m.reference != "cached",
          "loss.method=rmu compares hidden states inside the model: model.reference=cached "
          "holds only the last ones (use copy, or adapters with LoRA)"),
+        (lo.method not in ("npo", "idk_dpo") or m.reference != "cached",
+         f"loss.method={lo.method} needs the reference on the forget rows: model.reference="
+         "cached holds the normal rows only (use copy, or adapters with LoRA)"),
+        (lo.method != "graddiff" or not m.reference_name,
+         "loss.method=graddiff uses no reference model: model.reference_name does not apply"),
         (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          "train.device must be auto, cpu or cuda[:N]"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),

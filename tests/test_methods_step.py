@@ -268,11 +268,13 @@ def test_a_zero_mismatch_weight_draws_no_mismatch_rows():
     ({"method": "rmu"}, "set loss.eps_mismatch=0"),
     ({"method": "npo", "beta": -1.0}, "loss.beta must be > 0"),
     ({"method": "rmu", "eps_mismatch": 0.0, "rmu_steer": 0.0}, "loss.rmu_steer must be > 0"),
+    ({"method": "npo", "reference": "cached"}, "needs the reference on the forget rows"),
+    ({"method": "graddiff", "reference_name": "x"}, "graddiff uses no reference model"),
 ])
 def test_bad_method_settings_are_refused_in_one_line(change, message):
     cfg = tiny_cfg()
     for k, v in change.items():
-        setattr(cfg.loss, k, v)
+        setattr(cfg.model if k.startswith("reference") else cfg.loss, k, v)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
 
