@@ -244,7 +244,7 @@ def execute(cmd: list[str], log_path: Path, budget_s: float) -> dict:
             _stop(proc)
             return {"status": "over budget", "process_seconds": time.perf_counter() - start,
                     "error": f"stopped after {budget_s / 60:g} min (the budget)"}
-        except BaseException:  # Ctrl-C: the run is in its own session, so stop it here
+        except BaseException:  # Ctrl-C: the run has its own process group, so stop it here
             _stop(proc)
             raise
     seconds = time.perf_counter() - start

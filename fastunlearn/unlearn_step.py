@@ -187,7 +187,8 @@ class UnlearnStep(nn.Module):
         the mean over its own tokens (sequences) of these rows, weighted by ``coef`` (one
         process only)."""
         if reduction == "mean" and self.method.name != "paper":
-            out = self(inputs, method_terms.local_coefficients(self.method, coef, inputs))
+            out = self.forward(inputs, method_terms.local_coefficients(self.method, coef,
+                                                                       inputs))
             return method_terms.as_means(out, self.method, inputs)
         if self.method.name == "rmu":
             return method_terms.rmu_forward(self, inputs, coef)

@@ -177,7 +177,8 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
     row_scale = row_scale.contiguous()
 
     gdt = gemm_dtype(weight)
-    mm = fp32_gemm if fp32_gemm is not None and gdt == torch.float32 else torch_gemm
+    fp32_gemm = fp32_gemm if gdt == torch.float32 else None  # the engine takes fp32 only
+    mm = fp32_gemm or torch_gemm
     acc_dt = torch.promote_types(gdt, torch.float32)
     s = options.logit_scale
     w = weight.detach()
@@ -225,7 +226,7 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
                 dx.index_copy_(0, idx, d.to(dx.dtype))
                 mark("dx")
             if need_dw:  # 5
-                if fp32_gemm is not None and gdt == torch.float32:
+                if fp32_gemm is not None:
                     fp32_gemm(z.t(), hc, dw, 0.0 if i == 0 else 1.0)
                 else:
                     accumulate_dw(dw, z, hc, first=i == 0)
