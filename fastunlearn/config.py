@@ -27,8 +27,9 @@ class ModelSection:
     reference_dtype: str = "auto"  # auto = same as the policy; bfloat16 halves its memory
     reference_name: str | None = None  # a different reference model (default: the policy's copy)
     # How the reference runs: auto (adapters with LoRA, else copy) | copy (frozen model in memory)
-    # | adapters (LoRA policy, adapters disabled) | cached (hidden states of the normal rows
-    # computed once, stored on disk, the reference model freed; see reference_cache.py)
+    # | adapters (LoRA policy, adapters disabled) | cached (hidden states of the normal rows,
+    # and npo / idk_dpo's reference log-probabilities of the forget rows, computed once,
+    # stored on disk, the reference model freed; see reference_cache.py)
     reference: str = "auto"
     reference_cache_dir: str | None = None  # cached: where to keep it (default: <out>/refcache)
     attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on CUDA, else sdpa
@@ -388,9 +389,6 @@ def validate(cfg: RunConfig) -> None:
         (lo.method != "rmu" or m.reference != "cached",
          "loss.method=rmu compares hidden states inside the model: model.reference=cached "
          "holds only the last ones (use copy, or adapters with LoRA)"),
-        (lo.method not in ("npo", "idk_dpo") or m.reference != "cached",
-         f"loss.method={lo.method} needs the reference on the forget rows: model.reference="
-         "cached holds the normal rows only (use copy, or adapters with LoRA)"),
         (lo.method != "graddiff" or not m.reference_name,
          "loss.method=graddiff uses no reference model: model.reference_name does not apply"),
         (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),

@@ -79,16 +79,13 @@ class MethodSettings:
 
     def check(self, policy, mode: str) -> None:
         """One-line errors for a method the step cannot run with this reference."""
-        if self.name == "paper":
+        if self.name != "rmu":
             return
-        if mode == "cached" and (self.reference_on_forget or self.name == "rmu"):
-            what = "hidden states inside the model" if self.name == "rmu" else \
-                "reference log-probabilities of the forget rows"
-            raise ValueError(f"loss.method={self.name} needs {what}; the cached reference holds "
-                             "the normal rows' last hidden states only: use reference=copy (or "
-                             "adapters with LoRA)")
-        if self.name == "rmu":
-            self.layer_index(policy)
+        if mode == "cached":
+            raise ValueError("loss.method=rmu compares hidden states inside the model; the "
+                             "cached reference holds last hidden states and log-probabilities "
+                             "only: use reference=copy (or adapters with LoRA)")
+        self.layer_index(policy)
 
 
 def reference_kinds(method: str) -> tuple[int, ...]:
@@ -149,10 +146,14 @@ def add_method_terms(out: LossOutput, method: MethodSettings, inputs, coef, hidd
             loss = loss + eps_n * normal
     else:
         sel = (inputs.sequence >= 0).nonzero().squeeze(1)
-        ref = ref_hidden[sel] if method.reference_on_forget else None
+        cached = inputs.cached_ref_logp
+        live = method.reference_on_forget and cached is None
+        ref = ref_hidden[sel] if live else None
         logp, logp_ref, _ = token_stats(hidden[sel], weight, inputs.labels[sel], ref,
-                                        ref_weight if ref is not None else None, with_kl=False,
+                                        ref_weight if live else None, with_kl=False,
                                         **head_args)
+        if method.reference_on_forget and cached is not None:
+            logp_ref = cached[sel]  # the cached reference: no reference GEMM here
         n = inputs.n_sequences
         preferred = inputs.kinds[sel] == KIND_PREFERRED
         segment = inputs.sequence[sel] + n * preferred  # forget sequences, then preferred

@@ -140,11 +140,15 @@ def micro_batch_loss(policy: nn.Module, ref: ReferenceRunner, batch: Batch, weig
                 reduction=reduction)
 
 
-def normal_row_indices(batch: Batch, normal_rows: torch.Tensor) -> torch.Tensor:
-    """Indices of the normal rows in batch order. A packed sequence holds several rows back to
-    back, and its valid positions are theirs in that order (each row's first label is ignored,
-    so no position predicts across a row boundary)."""
-    if batch.members is None:
-        return batch.row_index[normal_rows]
-    return torch.tensor([i for s in normal_rows.tolist() for i in batch.members[s]],
-                        dtype=torch.long)
+def kind_row_indices(batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+    """The index within its kind's row list (``Batch.row_index``) of each collated row in
+    ``rows`` (values of :func:`valid_rows`). A packed sequence holds the rows of
+    ``Batch.members`` back to back, in that order."""
+    if batch.token_row is None:
+        return batch.row_index[rows]
+    index_of = {}
+    for s, members in enumerate(batch.members):
+        collated = batch.token_row[s]
+        index_of.update(zip(torch.unique_consecutive(collated[collated >= 0]).tolist(),
+                            members))
+    return torch.tensor([index_of[int(r)] for r in rows.tolist()], dtype=torch.long)

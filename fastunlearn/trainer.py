@@ -376,7 +376,8 @@ class Trainer:
                 parse_dtype(cfg.model.reference_dtype)
             self.ref_cache = build_cache_sharded(
                 step, self.rows_by_kind[KIND_NORMAL], device=self.device,
-                compute_dtype=self.compute_dtype, storage_dtype=ref_dtype, pad_id=self.pad_id)
+                compute_dtype=self.compute_dtype, storage_dtype=ref_dtype, pad_id=self.pad_id,
+                logprob_rows=self._logprob_rows())
             head = self.ref_cache.head(self.device)
             step.ref_head, step.ref_bias = head.weight, head.bias
         self.unlearn_step = step
@@ -428,8 +429,15 @@ class Trainer:
                 raise ConfigError(f"train.cpu_linear=onednn needs the C++ extension: "
                                   f"{str(exc).splitlines()[0]}") from exc
 
+    def _logprob_rows(self) -> dict:
+        """{kind: rows} whose reference log-probabilities the cached reference keeps: the
+        kinds besides the normal rows that the method compares with the reference."""
+        kinds = reference_kinds(self.cfg.loss.method)
+        return {k: self.rows_by_kind[k] for k in kinds if k != KIND_NORMAL}
+
     def _build_reference_cache(self, ref_dtype):
-        """Reference hidden states of every normal row, loaded from or written to the cache dir."""
+        """The cached reference (normal rows' hidden states, and the log-probabilities of
+        :meth:`_logprob_rows`), loaded from or written to the cache dir."""
         from .reference_cache import load_or_build_cache
 
         ref = self.reference if self.reference is not None else \
@@ -442,7 +450,8 @@ class Trainer:
             (run_dir / "refcache" if run_dir else None)
         return load_or_build_cache(builder, self.rows_by_kind[KIND_NORMAL], cache_dir,
                                    device=self.device, compute_dtype=self.compute_dtype,
-                                   storage_dtype=ref_dtype, pad_id=self.pad_id)
+                                   storage_dtype=ref_dtype, pad_id=self.pad_id,
+                                   logprob_rows=self._logprob_rows())
 
     def _load_reference(self, ref_dtype, policy=None):
         name = self.cfg.model.reference_name

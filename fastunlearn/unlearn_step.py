@@ -33,7 +33,7 @@ from .losses import KIND_NORMAL, LossOutput, unlearn_loss
 from .losses.types import IGNORE_INDEX
 from .method_terms import MethodSettings
 from .models import eval_mode, head_of, trunk_of
-from .step import normal_row_indices, trunk_inputs, valid_positions, valid_rows
+from .step import kind_row_indices, trunk_inputs, valid_positions, valid_rows
 
 REFERENCES = ("copy", "adapters", "cached", "none")
 # The metric name of the normal rows' term of each ``MethodSettings.retain``.
@@ -53,6 +53,9 @@ class StepInputs:
     ref_batch_rows: torch.Tensor  # batch rows the live reference pass runs on
     ref_pos: torch.Tensor  # (K,) hidden-row index of each ref_sel position in that pass
     cached_ref: torch.Tensor | None  # (M, H) cached reference hidden states, or None
+    # (N,) cached reference log-probabilities of the forget / preferred positions (0 on the
+    # others) for a method that compares them with the reference, or None
+    cached_ref_logp: torch.Tensor | None
     counts: tuple[int, int, int]  # this rank's valid positions per kind (host ints)
     sequence: torch.Tensor  # (N,) forget / preferred sequence of each position (else -1)
     n_sequences: int  # this rank's forget sequences (= preferred sequences with idk_dpo)
@@ -72,20 +75,38 @@ def prepare(batch, device: torch.device, model: nn.Module, cache=None,
     batch_row = flat // t
     ref_batch_rows = torch.unique(batch_row[ref_sel])
     ref_pos = torch.searchsorted(ref_batch_rows, batch_row[ref_sel]) * t + flat[ref_sel] % t
-    cached = None
+    cached, cached_logp = None, None
     if cache is not None and sel.numel():
-        normal_rows = (batch.kind == KIND_NORMAL).nonzero().squeeze(1)
-        cached = cache.gather(normal_row_indices(batch, normal_rows))
-        if cached.shape[0] != sel.numel():
-            raise ValueError("reference cache does not match the batch's normal rows "
-                             "(normal set or tokenisation changed): rebuild the cache")
+        cached = cache.gather(_cached_rows(batch, rows, sel))
+        _check_cached(cached, sel, "normal")
         cached = cached.to(device, non_blocking=True)
+    logp_kinds = [k for k in method_terms.reference_kinds(method) if k != KIND_NORMAL]
+    if cache is not None and logp_kinds:
+        cached_logp = torch.zeros(flat.numel(), dtype=torch.float32)
+        for kind in logp_kinds:
+            at = (kinds == kind).nonzero().squeeze(1)
+            values = cache.gather_logprobs(kind, _cached_rows(batch, rows, at))
+            _check_cached(values, at, f"kind-{kind}")
+            cached_logp[at] = values
+        cached_logp = cached_logp.to(device, non_blocking=True)
     counts = tuple(int((kinds == k).sum()) for k in range(3))
     sequence, n_sequences = method_terms.sequence_ids(rows, kinds)
     return StepInputs(trunk_inputs(model, batch, device), flat.to(device), labels.to(device),
                       kinds.to(device), sel.to(device), ref_sel.to(device),
-                      ref_batch_rows.to(device), ref_pos.to(device), cached, counts,
-                      sequence.to(device), n_sequences)
+                      ref_batch_rows.to(device), ref_pos.to(device), cached, cached_logp,
+                      counts, sequence.to(device), n_sequences)
+
+
+def _cached_rows(batch, rows: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The cache's row indices of the rows holding valid positions ``at`` (in order; a row's
+    positions are consecutive)."""
+    return kind_row_indices(batch, torch.unique_consecutive(rows[at]))
+
+
+def _check_cached(values: torch.Tensor, at: torch.Tensor, what: str) -> None:
+    if values.shape[0] != at.numel():
+        raise ValueError(f"reference cache does not match the batch's {what} rows (data or "
+                         "tokenisation changed): rebuild the cache")
 
 
 def coefficients(eps: tuple[float, float, float], global_counts) -> tuple[float, float, float]:
@@ -440,11 +461,17 @@ class StepReferenceRunner:
 
     def __init__(self, step: UnlearnStep):
         self.step = step
+        self._head = None
 
     def hidden(self, inputs: dict, autocast=None) -> torch.Tensor:
         return self.step.reference_states(inputs)
 
     def head(self):
+        if self._head is None:  # every rank asks as often: the gather runs once on each
+            self._head = self._gather_head()
+        return self._head
+
+    def _gather_head(self):
         from torch.distributed.tensor import DTensor
 
         model = self.step.reference if self.step.reference is not None else self.step.policy
@@ -459,29 +486,49 @@ class StepReferenceRunner:
 
 def build_cache_sharded(step: UnlearnStep, rows, *, device: torch.device,
                         compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None,
-                        pad_id: int = 0, batch_rows: int = 16):
-    """The reference cache of ``rows`` (all normal rows), each rank computing its own share.
+                        pad_id: int = 0, batch_rows: int = 16, logprob_rows: dict | None = None):
+    """The reference cache of ``rows`` (all normal rows; and the log-probabilities of the rows
+    in ``logprob_rows``, by kind), each rank computing its own share of every row list.
 
     Every rank runs the same number of reference forwards (the shorter shares repeat their last
     row, dropped afterwards), then the shares are exchanged, so every rank ends with the whole
     cache, identical to one built by one process.
     """
+    from .reference_cache import (
+        ReferenceCache,
+        cache_meta,
+        cached_head,
+        reference_logprobs,
+        reference_states,
+    )
+
+    storage_dtype = storage_dtype or compute_dtype
+    runner = StepReferenceRunner(step)
+    kw = dict(device=device, compute_dtype=compute_dtype, pad_id=pad_id, batch_rows=batch_rows)
+    hidden, offsets = _sharded_rows(
+        rows, lambda part: reference_states(runner, part, storage_dtype=storage_dtype, **kw))
+    logprobs = {kind: _sharded_rows(kind_rows,
+                                    lambda part: reference_logprobs(runner, part, **kw))
+                for kind, kind_rows in (logprob_rows or {}).items()}
+    return ReferenceCache(hidden, offsets, *cached_head(runner, compute_dtype, storage_dtype),
+                          cache_meta(runner, "", compute_dtype, storage_dtype, hidden, rows),
+                          logprobs)
+
+
+def _sharded_rows(rows, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute(rows)`` -> (values, offsets), each rank computing its share (padded to the
+    same length by repeating its last row), exchanged and concatenated in row order."""
     import math
 
     from .distributed import all_gather_objects, share, world_size
-    from .reference_cache import ReferenceCache, build_reference_cache
 
     if len(rows) < world_size():
-        raise ValueError(f"{len(rows)} normal rows cannot be split over {world_size()} processes")
+        raise ValueError(f"{len(rows)} rows cannot be split over {world_size()} processes")
     mine = rows[share(len(rows))]
     padded = mine + [mine[-1]] * (math.ceil(len(rows) / world_size()) - len(mine))
-    part = build_reference_cache(StepReferenceRunner(step), padded, device=device,
-                                 compute_dtype=compute_dtype, storage_dtype=storage_dtype,
-                                 pad_id=pad_id, batch_rows=batch_rows)
-    lengths = part.offsets[1:len(mine) + 1] - part.offsets[:len(mine)]
-    pieces = all_gather_objects((part.hidden[:int(part.offsets[len(mine)])], lengths))
-    hidden = torch.cat([h for h, _ in pieces])
-    offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
-    offsets[1:] = torch.cat([n for _, n in pieces]).cumsum(0)
-    meta = {**part.meta, "rows": len(rows), "tokens": int(offsets[-1])}
-    return ReferenceCache(hidden, offsets, part.head_weight, part.head_bias, meta)
+    values, offsets = compute(padded)
+    lengths = offsets[1:len(mine) + 1] - offsets[:len(mine)]
+    pieces = all_gather_objects((values[:int(offsets[len(mine)])], lengths))
+    out = torch.zeros(len(rows) + 1, dtype=torch.long)
+    out[1:] = torch.cat([n for _, n in pieces]).cumsum(0)
+    return torch.cat([v for v, _ in pieces]), out

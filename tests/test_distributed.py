@@ -68,10 +68,11 @@ def build(opts: dict) -> UnlearnStep:
     from fastunlearn.method_terms import MethodSettings
 
     policy = tiny_llama(tie=opts.get("tie", True), seed=0)
-    if "method" in opts:
-        return UnlearnStep(policy, frozen_copy(policy), backend=opts.get("backend", "reference"),
-                           method=MethodSettings(opts["method"], beta=0.5))
     ref = opts.get("ref", "copy")
+    method = MethodSettings(opts.get("method", "paper"), beta=0.5)
+    if "method" in opts and ref == "copy":
+        return UnlearnStep(policy, frozen_copy(policy), backend=opts.get("backend", "reference"),
+                           method=method)
     if ref == "adapters":
         from peft import LoraConfig, get_peft_model
 
@@ -81,15 +82,18 @@ def build(opts: dict) -> UnlearnStep:
                                                    init_lora_weights=False))
         return UnlearnStep(policy, mode="adapters", backend=opts.get("backend", "reference"))
     if ref == "cached":
+        from fastunlearn.method_terms import reference_kinds
         from fastunlearn.reference_cache import load_or_build_cache
         from fastunlearn.step import ReferenceRunner
 
-        cache = load_or_build_cache(ReferenceRunner(policy, frozen_copy(policy)),
-                                    make_rows()[2], None, device="cpu",
-                                    compute_dtype=torch.float32, pad_id=1)
+        rows = make_rows(method=method.name)
+        cache = load_or_build_cache(ReferenceRunner(policy, frozen_copy(policy)), rows[2], None,
+                                    device="cpu", compute_dtype=torch.float32, pad_id=1,
+                                    logprob_rows={k: rows[k] for k in
+                                                  reference_kinds(method.name) if k != 2})
         head = cache.head("cpu")
         step = UnlearnStep(policy, mode="cached", ref_head=head.weight, ref_bias=head.bias,
-                           backend=opts.get("backend", "reference"))
+                           backend=opts.get("backend", "reference"), method=method)
         step.cache = cache
         return step
     ref_dtype = opts.get("ref_dtype")  # a reference copy in another dtype than the policy
@@ -185,6 +189,8 @@ CASES = {
     "reference-untied-idk_dpo-packed": {"backend": "reference", "tie": False,
                                         "method": "idk_dpo", "pack": True},
     "chunked-tied-graddiff": {"backend": "chunked", "method": "graddiff"},
+    "chunked-untied-npo-cached": {"backend": "chunked", "tie": False, "method": "npo",
+                                  "ref": "cached", "pack": True},
 }
 
 
@@ -532,9 +538,11 @@ def _sharded_cache():
     policy = tiny_llama(tie=False, seed=0)
     step = UnlearnStep(policy, mode="cached", ref_head=torch.zeros(1, 1), backend="reference")
     shard(step)
-    cache = build_cache_sharded(step, make_rows(n=5)[2], device=torch.device("cpu"),
-                                compute_dtype=torch.float32, pad_id=1, batch_rows=2)
-    return cache.hidden, cache.offsets, cache.head_weight
+    rows = make_rows(n=5)
+    cache = build_cache_sharded(step, rows[2], device=torch.device("cpu"),
+                                compute_dtype=torch.float32, pad_id=1, batch_rows=2,
+                                logprob_rows={0: rows[0]})
+    return cache.hidden, cache.offsets, cache.head_weight, cache.logprobs[0]
 
 
 def test_cache_built_by_two_ranks_equals_one_process():
@@ -542,12 +550,16 @@ def test_cache_built_by_two_ranks_equals_one_process():
     from fastunlearn.step import ReferenceRunner
 
     policy = tiny_llama(tie=False, seed=0)
-    want = load_or_build_cache(ReferenceRunner(policy, frozen_copy(policy)), make_rows(n=5)[2],
-                               None, device="cpu", compute_dtype=torch.float32, pad_id=1)
-    for hidden, offsets, head in run_ranks(_sharded_cache):
+    rows = make_rows(n=5)
+    want = load_or_build_cache(ReferenceRunner(policy, frozen_copy(policy)), rows[2], None,
+                               device="cpu", compute_dtype=torch.float32, pad_id=1,
+                               logprob_rows={0: rows[0]})
+    for hidden, offsets, head, (logp, logp_offsets) in run_ranks(_sharded_cache):
         assert torch.equal(offsets, want.offsets)
         assert torch.allclose(hidden, want.hidden, atol=1e-5, rtol=0)
         assert torch.equal(head, want.head_weight)
+        assert torch.equal(logp_offsets, want.logprobs[0][1])
+        assert torch.allclose(logp, want.logprobs[0][0], atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------ likelihood metrics

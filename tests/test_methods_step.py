@@ -111,6 +111,53 @@ def test_packed_sequence_method_equals_padded():
     assert torch.allclose(losses[0], losses[1], rtol=1e-5), losses
 
 
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("name", ["npo", "idk_dpo"])
+def test_cached_reference_step_equals_the_live_reference_step(name, pack):
+    """The cache keeps the reference's per-token log-probabilities of the forget (and preferred)
+    rows: the step reads them instead of running the reference, with the same loss and
+    gradients, row indices followed through padding and packing."""
+    from fastunlearn.method_terms import reference_kinds
+    from fastunlearn.reference_cache import load_or_build_cache
+    from fastunlearn.step import ReferenceRunner
+
+    method = MethodSettings(name, beta=0.5)
+    policy = tiny_llama(128, seed=0)
+    reference = frozen_copy(tiny_llama(128, seed=1))
+    rows = _rows(name)
+    kinds = [k for k in reference_kinds(name) if k != 2]
+    cache = load_or_build_cache(ReferenceRunner(policy, reference), rows[2], None, device=CPU,
+                                compute_dtype=torch.float32, pad_id=1, batch_rows=3,
+                                logprob_rows={k: rows[k] for k in kinds})
+    head = cache.head(CPU)
+    live = UnlearnStep(policy, reference, backend="chunked", method=method)
+    cached = UnlearnStep(policy, mode="cached", ref_head=head.weight, ref_bias=head.bias,
+                         backend="chunked", method=method)
+    batcher = UnlearnBatcher(rows, 3, tiny_tokenizer().pad_token_id, seed=2, pack=pack,
+                             separate=frozenset(reference_kinds(name)) | {2})
+    for _ in range(3):
+        batch = batcher.next()
+        outs = [step(prepare(batch, CPU, policy, cache if step is cached else None, name), EPS,
+                     "mean") for step in (live, cached)]
+        assert outs[1].forget_term != 0
+        grads = [torch.autograd.grad(o.loss, list(policy.parameters())) for o in outs]
+        torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
+        for g_cached, g_live in zip(*grads[::-1]):
+            torch.testing.assert_close(g_cached, g_live, rtol=1e-4, atol=1e-6)
+
+
+def test_a_cache_without_forget_logprobs_is_refused_for_npo():
+    from fastunlearn.reference_cache import load_or_build_cache
+    from fastunlearn.step import ReferenceRunner
+
+    policy = tiny_llama(128, seed=0)
+    rows = _rows("npo")
+    cache = load_or_build_cache(ReferenceRunner(policy, frozen_copy(policy)), rows[2], None,
+                                device=CPU, compute_dtype=torch.float32, pad_id=1)
+    with pytest.raises(ValueError, match="no log-probabilities of kind-0 rows"):
+        prepare(_batch("npo"), CPU, policy, cache, "npo")
+
+
 def test_preferred_rows_follow_their_forget_rows():
     tok = tiny_tokenizer()
     for pack in (False, True):
@@ -268,7 +315,7 @@ def test_a_zero_mismatch_weight_draws_no_mismatch_rows():
     ({"method": "rmu"}, "set loss.eps_mismatch=0"),
     ({"method": "npo", "beta": -1.0}, "loss.beta must be > 0"),
     ({"method": "rmu", "eps_mismatch": 0.0, "rmu_steer": 0.0}, "loss.rmu_steer must be > 0"),
-    ({"method": "npo", "reference": "cached"}, "needs the reference on the forget rows"),
+    ({"method": "rmu", "eps_mismatch": 0.0, "reference": "cached"}, "holds only the last"),
     ({"method": "graddiff", "reference_name": "x"}, "graddiff uses no reference model"),
 ])
 def test_bad_method_settings_are_refused_in_one_line(change, message):
@@ -279,12 +326,11 @@ def test_bad_method_settings_are_refused_in_one_line(change, message):
         validate(cfg)
 
 
-@pytest.mark.parametrize("name", ["npo", "idk_dpo", "rmu"])
-def test_methods_that_need_more_than_the_cache_refuse_it(name):
+def test_rmu_refuses_the_cached_reference():
     policy = tiny_llama(128)
     with pytest.raises(ValueError, match="cached reference holds"):
         UnlearnStep(policy, mode="cached", ref_head=policy.lm_head.weight,
-                    method=MethodSettings(name))
+                    method=MethodSettings("rmu"))
 
 
 def test_rmu_layer_outside_the_model_is_refused():

@@ -121,6 +121,33 @@ def test_save_load_and_key(tmp_path):
     assert model_fingerprint(ref) != fp
 
 
+def test_logprob_rows_are_saved_loaded_and_keyed(tmp_path):
+    tok, model, ref, rows = _setup()
+    runner = ReferenceRunner(model, ref)
+    kw = dict(device=CPU, compute_dtype=torch.float32, pad_id=tok.pad_token_id)
+    plain = load_or_build_cache(runner, rows[KIND_NORMAL], tmp_path, **kw)
+    forget = rows[0]
+    c1 = load_or_build_cache(runner, rows[KIND_NORMAL], tmp_path, logprob_rows={0: forget}, **kw)
+    assert c1.key != plain.key and not plain.logprobs
+    again = ReferenceCache.load(c1.path)
+    values, offsets = again.logprobs[0]
+    torch.testing.assert_close(values, c1.logprobs[0][0], rtol=0, atol=0)
+    assert offsets.numel() == len(forget) + 1 and (values < 0).all()
+    # each row's values are the reference's own log-probabilities of its labels
+    i = 1
+    got = again.gather_logprobs(0, torch.tensor([i]))
+    with torch.no_grad():
+        ids = torch.tensor([forget[i].input_ids])
+        logp = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].double(), -1)
+    cols = valid_columns(forget[i].labels)
+    labels = torch.tensor(forget[i].labels)[cols + 1]
+    torch.testing.assert_close(got.double(), logp[cols, labels], rtol=1e-5, atol=1e-5)
+    # other forget rows: another key
+    other = load_or_build_cache(runner, rows[KIND_NORMAL], tmp_path,
+                                logprob_rows={0: forget[:-1]}, **kw)
+    assert other.key != c1.key
+
+
 def test_cache_mismatch_is_an_error():
     tok, model, ref, rows = _setup()
     normal = rows[KIND_NORMAL]
@@ -135,12 +162,15 @@ def test_cache_mismatch_is_an_error():
                          compute_dtype=torch.float32)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_trainer_cached_reference_matches_copy(tmp_path, packing):
-    """Same seed, same data: a cached-reference run takes the same steps as a copy run."""
+@pytest.mark.parametrize("packing, method", [(False, "paper"), (True, "paper"),
+                                             (True, "npo"), (False, "idk_dpo")])
+def test_trainer_cached_reference_matches_copy(tmp_path, packing, method):
+    """Same seed, same data: a cached-reference run takes the same steps as a copy run (npo and
+    idk_dpo read the reference's log-probabilities of the forget / preferred rows from it)."""
     runs = {}
     for mode in ("copy", "cached"):
         cfg = tiny_cfg(steps=3, packing=packing)
+        cfg.loss.method = method
         cfg.model.reference = mode
         cfg.model.reference_cache_dir = str(tmp_path / "cache")
         trainer = make_trainer(cfg)
@@ -152,7 +182,9 @@ def test_trainer_cached_reference_matches_copy(tmp_path, packing):
     assert runs["cached"][0]["normal_kl"] < 1e-6  # policy == reference at step 1
     assert runs["copy"][-1]["normal_kl"] > 1e-6
     for a, b in zip(runs["copy"], runs["cached"]):
-        for k in ("loss", "forget_nll", "mismatch_nll", "normal_kl"):
+        keys = ("loss", "forget_nll", "mismatch_nll", "normal_kl") + \
+            (("forget_term",) if method != "paper" else ())
+        for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])
 
 
