@@ -26,9 +26,12 @@ AdamW, 8 bytes per trainable parameter, see fastunlearn/optim.py), ``+torchlin``
 torch's own GEMMs in the nn.Linear layers instead of the oneDNN ones that
 ``train.cpu_linear=auto`` picks, see fastunlearn/cpu_linear.py), ``+lean`` (RMSNorm /
 SwiGLU that save less for backward, ``model.lean_layers``, see fastunlearn/lean_layers.py);
-``@name`` forces a loss backend (e.g. ``ours@chunked``); ``+graddiff``, ``+npo``, ``+simnpo``,
-``+idk_dpo`` or ``+rmu`` trains with that ``loss.method`` instead of the paper's (idk_dpo's
-preferred rows: each forget prompt with a mismatch row's answer; rmu: no mismatch rows).
+``+freemem`` (CPU: glibc returns freed large blocks to the kernel, ``train.keep_freed_memory=
+false``; by default the trainer keeps them, see fastunlearn/cpu_memory.py; ``paper+keepmem``
+keeps them for the paper's step too); ``@name`` forces a loss backend (e.g. ``ours@chunked``);
+``+graddiff``, ``+npo``, ``+simnpo``, ``+idk_dpo`` or ``+rmu`` trains with that ``loss.method``
+instead of the paper's (idk_dpo's preferred rows: each forget prompt with a mismatch row's
+answer; rmu: no mismatch rows).
 
 Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
 weights); on CPU fp32 throughout (``+bf16w``: bf16 weights and bf16 autocast). Timing:
@@ -93,7 +96,8 @@ QUICK = [("tiny", 2, 32, ["paper", "ours", "ours+cached", "ours+lora", "ours+tor
                           "ours+lean", "ours+bf16w+sr"])]
 LORA_8B = [("llama-3-8b", 2, 512, ["ours+bf16w+lora+ckpt", "ours+bf16w+lora+cached+ckpt"]),
            ("llama-3-8b", 8, 1024, ["ours+bf16w+lora+ckpt"])]
-OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "sr", "torchlin", "lean")
+OPTIONS = ("lora", "cached", "bf16ref", "ckpt", "bf16w", "sr", "torchlin", "lean", "keepmem",
+           "freemem")
 # ``loss.method`` other than the paper's (``ours+npo``); rmu runs without mismatch rows
 METHODS = ("graddiff", "npo", "simnpo", "idk_dpo", "rmu")
 
@@ -114,8 +118,10 @@ def parse_impl(impl: str) -> dict:
                          f"{', '.join(OPTIONS + METHODS)})")
     if len(methods) > 1 or (methods and name == "paper"):
         raise ValueError("one method option at most, and only on ours")
-    if name == "paper" and set(opts) - {"bf16w"}:
-        raise ValueError("paper takes only the +bf16w option")
+    if name == "paper" and set(opts) - {"bf16w", "keepmem"}:
+        raise ValueError("paper takes only the +bf16w and +keepmem options")
+    if name == "ours" and "keepmem" in opts:
+        raise ValueError("ours keeps freed memory by default (+freemem turns that off)")
     if name == "paper" and backend:
         raise ValueError("paper runs HF's own loss: no @backend")
     if "sr" in opts and "bf16w" not in opts:
@@ -235,6 +241,7 @@ def ours_trainer(policy, rows, opt_: dict, device: torch.device, compute_dtype: 
     t.precision = "bf16" if compute_dtype == torch.bfloat16 else "fp32"
     t.optimizer = "adamw_sr" if opt_["sr"] else "adamw"
     t.cpu_linear = "torch" if opt_["torchlin"] else "auto"
+    t.keep_freed_memory = not opt_["freemem"]
     # Random weights: no finite check between steps, no divergence bound.
     t.check_finite_every, t.max_normal_kl, t.max_mismatch_nll = 0, None, None
     m.dtype = "bfloat16" if opt_["bf16w"] else "float32"
@@ -301,6 +308,10 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
     eps = (0.5, 1.0, 1.0)
 
     if opt_["name"] == "paper":
+        if opt_["keepmem"]:
+            from fastunlearn.cpu_memory import keep_freed_memory
+
+            keep_freed_memory()
         ref = frozen_copy(policy)  # the paper keeps a second full model
         params = [p for p in policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=2e-6, fused=cuda)

@@ -40,7 +40,8 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Config keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ("out", "train.steps", "train.save_every", "train.keep_checkpoints",
-                  "train.checkpoint_dir", "train.threads", "train.device", "eval")
+                  "train.checkpoint_dir", "train.threads", "train.device",
+                  "train.keep_freed_memory", "eval")
 
 
 class CheckpointError(ValueError):

@@ -103,6 +103,9 @@ class TrainSection:
     stop_extra_steps: int = 0  # ...and the steps still taken after it is passed
     threads: int | None = None  # torch CPU threads (None = torch default)
     cpu_linear: str = "auto"  # fp32 on CPU: auto | onednn | torch GEMMs for nn.Linear layers
+    # CPU runs: glibc keeps freed memory for the next step instead of returning large blocks to
+    # the kernel (no page faults on them every step; see cpu_memory.py)
+    keep_freed_memory: bool = True
     # auto: adamw_sr when a trainable weight is bf16 (model.dtype=bfloat16), else adamw
     # | adamw (torch.optim.AdamW, fused) | adamw_sr (stochastic rounding, see optim.py)
     optimizer: str = "auto"

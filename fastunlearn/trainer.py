@@ -33,6 +33,7 @@ from . import checkpoint
 from . import distributed as dist
 from .batching import UnlearnBatcher
 from .config import ConfigError, RunConfig, validate
+from .cpu_memory import keep_freed_memory
 from .eval.heldout import write_heldout
 from .lean_layers import use_lean_layers
 from .log import get_logger
@@ -169,6 +170,8 @@ class Trainer:
             self.device = pick_device(cfg.train.device)
         self.world = dist.world_size()
         self.distributed = self.world > 1
+        if self.device.type == "cpu" and cfg.train.keep_freed_memory:
+            keep_freed_memory()
         if self.resume:  # a checkpoint of another config fails now, not after loading
             checkpoint.check_resumable(self.resume, self.fingerprint())
         # Resolve the backend now so an unavailable explicit choice fails before any work.

@@ -60,11 +60,14 @@ def test_parse_impl():
     assert mod.parse_impl("ours+lora+ckpt@chunked") == {
         "name": "ours", "backend": "chunked", "method": "paper", "lora": True, "cached": False,
         "bf16ref": False, "ckpt": True, "bf16w": False, "sr": False, "torchlin": False,
-        "lean": False}
+        "lean": False, "keepmem": False, "freemem": False}
     assert mod.parse_impl("paper")["name"] == "paper"
+    assert mod.parse_impl("paper+keepmem")["keepmem"]
+    assert mod.parse_impl("ours+freemem")["freemem"]
     assert mod.parse_impl("ours+npo+lean")["method"] == "npo"
     for bad in ("liger", "ours+fast", "paper+lora", "paper@chunked", "ours+sr", "paper+npo",
-                "ours+npo+rmu"):
+                "ours+npo+rmu",
+                "ours+keepmem", "paper+freemem"):
         with pytest.raises(ValueError):
             mod.parse_impl(bad)
 
