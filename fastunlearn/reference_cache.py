@@ -316,7 +316,7 @@ def reference_logprobs(runner, rows, *, device: torch.device | str, compute_dtyp
 def build_reference_cache(runner, rows, *, device: torch.device | str,
                           compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None,
                           pad_id: int = 0, batch_rows: int = 16, key: str = "",
-                          logprob_rows: dict | None = None) -> ReferenceCache:
+                          logprob_rows: dict | None = None, over_rows=None) -> ReferenceCache:
     """Run the reference trunk once over ``rows`` and keep the valid positions' hidden states.
 
     Args:
@@ -328,38 +328,29 @@ def build_reference_cache(runner, rows, *, device: torch.device | str,
         batch_rows: rows per reference forward (rows are sorted by length to limit padding).
         logprob_rows: {kind: rows} whose per-token reference log-probabilities the cache keeps
             too (:func:`reference_logprobs`), e.g. the forget rows for npo.
+        over_rows: ``over_rows(rows, compute) -> (values, offsets)`` runs ``compute`` on a row
+            list; default ``compute(rows)`` (several processes: each on its share).
     """
     device = torch.device(device)
     storage_dtype = storage_dtype or compute_dtype
     if not rows:
         raise ValueError("cannot build a reference cache for an empty normal set")
+    over_rows = over_rows or (lambda row_list, compute: compute(row_list))
     kw = dict(device=device, compute_dtype=compute_dtype, pad_id=pad_id, batch_rows=batch_rows)
-    hidden, offsets = reference_states(runner, rows, storage_dtype=storage_dtype, **kw)
-    logprobs = {kind: reference_logprobs(runner, kind_rows, **kw)
+    hidden, offsets = over_rows(rows, lambda part: reference_states(
+        runner, part, storage_dtype=storage_dtype, **kw))
+    logprobs = {kind: over_rows(kind_rows, lambda part: reference_logprobs(runner, part, **kw))
                 for kind, kind_rows in (logprob_rows or {}).items()}
-    return ReferenceCache(hidden, offsets, *cached_head(runner, compute_dtype, storage_dtype),
-                          cache_meta(runner, key, compute_dtype, storage_dtype, hidden, rows),
-                          logprobs)
-
-
-def cached_head(runner, compute_dtype: torch.dtype, storage_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reference head's weight and bias as the cache keeps them (CPU, storage dtype)."""
     head = runner.head()
     # clone: on the CPU in the same dtype .to() aliases the live head, which training changes
     weight = head.weight.detach().to(compute_dtype).to(storage_dtype).cpu().clone()
     bias = None if head.bias is None else \
         head.bias.detach().to(compute_dtype).to(storage_dtype).cpu().clone()
-    return weight, bias
-
-
-def cache_meta(runner, key: str, compute_dtype: torch.dtype, storage_dtype: torch.dtype,
-               hidden: torch.Tensor, rows) -> dict:
-    head = runner.head()
-    return {"version": CACHE_VERSION, "key": key, "compute_dtype": str(compute_dtype),
+    meta = {"version": CACHE_VERSION, "key": key, "compute_dtype": str(compute_dtype),
             "storage_dtype": str(storage_dtype), "softcap": head.softcap,
             "logit_scale": head.logit_scale, "rows": len(rows), "tokens": hidden.shape[0],
-            "hidden_size": head.weight.shape[1], "vocab": head.weight.shape[0]}
+            "hidden_size": weight.shape[1], "vocab": weight.shape[0]}
+    return ReferenceCache(hidden, offsets, weight, bias, meta, logprobs)
 
 
 def load_or_build_cache(runner, rows, cache_dir: str | Path | None, *, device, compute_dtype,

@@ -494,25 +494,12 @@ def build_cache_sharded(step: UnlearnStep, rows, *, device: torch.device,
     row, dropped afterwards), then the shares are exchanged, so every rank ends with the whole
     cache, identical to one built by one process.
     """
-    from .reference_cache import (
-        ReferenceCache,
-        cache_meta,
-        cached_head,
-        reference_logprobs,
-        reference_states,
-    )
+    from .reference_cache import build_reference_cache
 
-    storage_dtype = storage_dtype or compute_dtype
-    runner = StepReferenceRunner(step)
-    kw = dict(device=device, compute_dtype=compute_dtype, pad_id=pad_id, batch_rows=batch_rows)
-    hidden, offsets = _sharded_rows(
-        rows, lambda part: reference_states(runner, part, storage_dtype=storage_dtype, **kw))
-    logprobs = {kind: _sharded_rows(kind_rows,
-                                    lambda part: reference_logprobs(runner, part, **kw))
-                for kind, kind_rows in (logprob_rows or {}).items()}
-    return ReferenceCache(hidden, offsets, *cached_head(runner, compute_dtype, storage_dtype),
-                          cache_meta(runner, "", compute_dtype, storage_dtype, hidden, rows),
-                          logprobs)
+    return build_reference_cache(StepReferenceRunner(step), rows, device=device,
+                                 compute_dtype=compute_dtype, storage_dtype=storage_dtype,
+                                 pad_id=pad_id, batch_rows=batch_rows, logprob_rows=logprob_rows,
+                                 over_rows=_sharded_rows)
 
 
 def _sharded_rows(rows, compute) -> tuple[torch.Tensor, torch.Tensor]:
