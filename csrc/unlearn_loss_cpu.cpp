@@ -398,6 +398,46 @@ at::Tensor gemm_py(const at::Tensor& a, const at::Tensor& b, at::Tensor c, doubl
   return c;
 }
 
+// The fused row pass alone, for the chunk driver (token statistics): z (R, V) fp32 logits of the
+// chunk, contiguous, overwritten with dZ; zr (R - ref_start, V) reference logits of its normal
+// suffix (scratch) or none; labels (R) int64 and scale (R) fp32; biases (V) fp32, already
+// multiplied by the logit scale. Returns each row's value (NLL, or KL on the suffix).
+at::Tensor row_pass_py(at::Tensor z, const c10::optional<at::Tensor>& zr_opt,
+                       const at::Tensor& labels, const at::Tensor& scale, int64_t ref_start,
+                       const c10::optional<at::Tensor>& bias_opt,
+                       const c10::optional<at::Tensor>& ref_bias_opt, double softcap) {
+  TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kFloat && z.is_contiguous() &&
+                  z.device().is_cpu(), "row_pass: z must be a contiguous (R, V) fp32 CPU tensor");
+  const int64_t R = z.size(0), V = z.size(1), Rn = R - ref_start;
+  TORCH_CHECK(ref_start >= 0 && Rn >= 0, "row_pass: ref_start must be in [0, R], got ", ref_start);
+  const bool has_zr = zr_opt.has_value() && zr_opt->defined();
+  TORCH_CHECK(has_zr == (Rn > 0), "row_pass: reference logits are given exactly for normal rows");
+  if (has_zr)
+    TORCH_CHECK(zr_opt->scalar_type() == at::kFloat && zr_opt->is_contiguous() &&
+                    zr_opt->size(0) == Rn && zr_opt->size(1) == V,
+                "row_pass: zr must be a contiguous (", Rn, ", ", V, ") fp32 tensor");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                  labels.numel() == R, "row_pass: labels must be (", R, ",) contiguous int64");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == R,
+              "row_pass: scale must be (", R, ",) contiguous fp32");
+  const int64_t* lp = labels.data_ptr<int64_t>();
+  for (int64_t r = 0; r < ref_start; ++r)
+    TORCH_CHECK(lp[r] >= 0 && lp[r] < V, "row_pass: label ", lp[r], " outside [0, ", V, ")");
+  auto vec = [V](const c10::optional<at::Tensor>& t, const char* name) -> const float* {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == V,
+                "row_pass: ", name, " must be (", V, ",) contiguous fp32");
+    return t->data_ptr<float>();
+  };
+  at::Tensor val = at::empty({R}, z.options());
+  RowPass pass{z.data_ptr<float>(), has_zr ? zr_opt->data_ptr<float>() : nullptr,
+               vec(bias_opt, "bias"), vec(ref_bias_opt, "ref_bias"), lp,
+               scale.data_ptr<float>(), val.data_ptr<float>(),
+               softcap > 0 ? (float)softcap : 0.0f, R, Rn, V};
+  pass.run();
+  return val;
+}
+
 // csrc/adamw_sr_cpu.cpp (the optimizer step shares this extension: one build, one load)
 void adamw_sr_step(at::Tensor param, const at::Tensor& grad, at::Tensor exp_avg,
                    at::Tensor exp_avg_sq, double beta1, double beta2, double eps, double decay,
@@ -408,6 +448,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_gemm", &set_gemm, "select the GEMM engine: 'onednn' or 'aten'");
   m.def("gemm_engine", &gemm_engine, "the GEMM engine in use");
   m.def("gemm", &gemm_py, "c = beta * c + a @ b with the selected engine");
+  m.def("row_pass", &row_pass_py, "the fused row pass on one chunk of fp32 logits (in place)",
+        py::arg("z"), py::arg("zr"), py::arg("labels"), py::arg("scale"), py::arg("ref_start"),
+        py::arg("bias"), py::arg("ref_bias"), py::arg("softcap"));
   m.def("forward_backward", &forward_backward,
         "Fused unlearning loss: returns (loss, terms, counts, dX, dW, db) for grad_output = 1",
         py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("kind"),

@@ -49,6 +49,39 @@ def test_extension_checks_its_own_inputs(bad, match):
 
 # ---- the JIT build helper ----
 
+@pytest.mark.parametrize("ref_start", [5, 2, 0])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_row_pass_for_the_driver_equals_the_pytorch_pass(ref_start, softcap):
+    """The extension's row pass behind the driver's contract (token_stats on cpp) against the
+    PyTorch pass it replaces: values and dZ, with biases, a reference suffix and -inf logits."""
+    from fastunlearn.losses import cpp_backend
+    from fastunlearn.losses.driver import torch_row_pass
+
+    g = torch.Generator().manual_seed(ref_start)
+    rows, vocab, h = 5, 97, 8
+    hc, w = torch.randn(rows, h, generator=g), torch.randn(vocab, h, generator=g)
+    zr = torch.randn(rows - ref_start, vocab, generator=g) * 3 if ref_start < rows else None
+    if zr is not None:
+        zr[:, :3] = float("-inf")  # masked vocabulary entries
+    labels = torch.randint(3, vocab, (rows,), generator=g)
+    scale = torch.randn(rows, generator=g)
+    bias, ref_bias = torch.randn(vocab, generator=g), torch.randn(vocab, generator=g)
+    args = (labels, scale, ref_start, hc, w, bias, ref_bias, softcap)
+    z_want, z_got = hc @ w.t(), hc @ w.t()
+    want = torch_row_pass(z_want, None if zr is None else zr.clone(), *args)
+    got = cpp_backend.row_pass(z_got, None if zr is None else zr.clone(), *args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_got, z_want, rtol=1e-5, atol=1e-6)
+
+
+def test_row_pass_refuses_a_label_outside_the_vocabulary():
+    from fastunlearn.losses import cpp_backend
+
+    z, labels = torch.randn(2, 7), torch.tensor([1, 7])
+    with pytest.raises(RuntimeError, match="outside"):
+        cpp_backend.load().row_pass(z, None, labels, torch.ones(2), 2, None, None, 0.0)
+
+
 def test_build_failure_reports_compiler_output(tmp_path, monkeypatch):
     from fastunlearn.losses._build import ExtensionBuildError, load_extension
 

@@ -11,7 +11,7 @@ import os
 import torch
 
 from ._build import cpu_arch_flags, extension_status, load_extension
-from .driver import plan_chunks
+from .driver import plan_chunks, torch_row_pass
 from .op import register_loss_op
 from .registry import Backend, register_backend
 
@@ -67,6 +67,19 @@ def onednn_gemm(a, b, out, beta):
     """out = beta * out + a @ b (fp32) through the extension's GEMM engine: the driver's GEMMs on
     CPU (``token_stats`` on this backend), at the speed of the fused loop's own."""
     return load().gemm(a, b, out, float(beta))
+
+
+def row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, softcap):
+    """The driver's row-pass contract (``driver.torch_row_pass``) through the extension's fused
+    C++ row pass (the same one its own loop runs) on fp32 logits; any other dtype takes the
+    PyTorch pass. ``token_stats`` on this backend uses it."""
+    if z.dtype != torch.float32:
+        return torch_row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, softcap)
+    return load().row_pass(z, zr, labels, scale, ref_start, bias, ref_bias, softcap or 0.0)
+
+
+# The chunk plan's temporaries per logit: those of the PyTorch pass it falls back to.
+row_pass.temp_bytes_per_logit = torch_row_pass.temp_bytes_per_logit
 
 
 def gemm_engine() -> str:

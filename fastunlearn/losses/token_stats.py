@@ -77,10 +77,10 @@ def _row_pass(backend: str):
         from .cuda_backend import _kernel_row_pass
 
         return _kernel_row_pass, True, None  # the kernel reads W[y] rows with unit strides
-    if backend == "cpp":  # the extension's GEMM engine (oneDNN), not torch's, as its loop does
-        from .cpp_backend import onednn_gemm
+    if backend == "cpp":  # the extension's row pass and GEMM engine (oneDNN), as its loop
+        from .cpp_backend import onednn_gemm, row_pass
 
-        return torch_row_pass, False, onednn_gemm
+        return row_pass, False, onednn_gemm
     return torch_row_pass, False, None
 
 
