@@ -12,9 +12,9 @@ The specification is ``reference.token_stats_ref``.
 How each backend computes them (``TOKEN_STATS_PATHS``):
 
 * chunked, cuda: the shared chunk driver (``driver.run_chunks``) with the backend's row pass;
-* cpp: the chunk driver with the PyTorch row pass and the extension's fp32 GEMM engine (oneDNN;
-  the C++ extension's fused loop returns loss terms only, no per-row values, and has no row pass
-  the driver could call);
+* cpp: the chunk driver with the extension's fused C++ row pass (``cpp_backend.row_pass``; the
+  PyTorch pass for non-fp32 logits) and its fp32 GEMM engine (oneDNN): the extension's own loop
+  returns loss terms only, no per-row values;
 * triton: the Triton token-stats loop (``triton_kernels/token_stats.py``), the logit scale folded
   into its inputs (hidden * s, bias * s);
 * reference: ``token_stats_ref`` with the (BT, V) logits in memory (testing).
@@ -53,8 +53,7 @@ from .types import IGNORE_INDEX, KIND_MISMATCH, KIND_NORMAL
 TOKEN_STATS_PATHS = {
     "reference": "plain PyTorch (token_stats_ref), (BT, V) logits materialised (testing)",
     "chunked": "chunk driver + PyTorch row pass",
-    "cpp": "chunk driver + PyTorch row pass, the extension's GEMM engine (the C++ loop has no "
-           "per-row outputs)",
+    "cpp": "chunk driver + the extension's C++ row pass and GEMM engine",
     "cuda": "chunk driver + CUDA row-pass kernel",
     "triton": "Triton token-stats loop (triton_kernels/token_stats.py)",
 }
