@@ -386,7 +386,9 @@ def run_isolated(spec: dict, timeout: float) -> dict:
 
 
 def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: str,
-            timeout: float, attn: str = "auto") -> list[dict]:
+            timeout: float, attn: str = "auto", rounds: int = 1) -> list[dict]:
+    """Every config of ``plan``, ``rounds`` times over (round r runs every config before round
+    r + 1 starts: slow drifts of a shared machine's load hit every impl alike)."""
     rows = []
     meta = {"torch": torch.__version__, "commit": git_commit(), "cpu_model": cpu_model(),
             "cpu_threads": torch.get_num_threads()}
@@ -395,50 +397,83 @@ def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: 
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
-    for model_name, b, t, impls in plan:
-        for impl in impls:
-            spec = dict(model_name=model_name, b=b, t=t, impl=impl, device=device,
-                        warmup=warmup, steps=steps, backend=backend, attn=attn)
-            print(f"[bench] {model_name} B={b} T={t} {impl} ...", file=sys.stderr, flush=True)
-            if isolate:
-                row = run_isolated(spec, timeout)
-            else:
-                try:
-                    row = run_config(**spec)
-                except torch.cuda.OutOfMemoryError as exc:
-                    row = {"error": "OOM: " + str(exc).splitlines()[0][:160]}
-                except Exception as exc:  # one failing config must not lose the others
-                    row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-                finally:
-                    gc.collect()
-                    if device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-            row = {"model": model_name, "B": b, "T": t, "impl": impl, **row, **meta}
-            row.setdefault("device", device)
-            for k in ("ms_per_step", "tokens_per_s", "peak_gib"):
-                row.setdefault(k, None)
-            rows.append(row)
-            print(f"[bench]   -> {row.get('ms_per_step')} ms, {row.get('peak_gib')} GiB"
-                  + (f" ERROR {row['error']}" if "error" in row else ""),
-                  file=sys.stderr, flush=True)
+    configs = [(m, b, t, impl) for m, b, t, impls in plan for impl in impls]
+    for rnd, (model_name, b, t, impl) in ((r, c) for r in range(rounds) for c in configs):
+        spec = dict(model_name=model_name, b=b, t=t, impl=impl, device=device,
+                    warmup=warmup, steps=steps, backend=backend, attn=attn)
+        tag = f" round {rnd + 1}/{rounds}" if rounds > 1 else ""
+        print(f"[bench] {model_name} B={b} T={t} {impl}{tag} ...", file=sys.stderr,
+              flush=True)
+        load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        if isolate:
+            row = run_isolated(spec, timeout)
+        else:
+            try:
+                row = run_config(**spec)
+            except torch.cuda.OutOfMemoryError as exc:
+                row = {"error": "OOM: " + str(exc).splitlines()[0][:160]}
+            except Exception as exc:  # one failing config must not lose the others
+                row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+            finally:
+                gc.collect()
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        row = {"model": model_name, "B": b, "T": t, "impl": impl, **row, **meta,
+               "load_average_before": load}
+        if rounds > 1:
+            row["round"] = rnd
+        row.setdefault("device", device)
+        for k in ("ms_per_step", "tokens_per_s", "peak_gib"):
+            row.setdefault(k, None)
+        rows.append(row)
+        print(f"[bench]   -> {row.get('ms_per_step')} ms, {row.get('peak_gib')} GiB"
+              + (f" ERROR {row['error']}" if "error" in row else ""),
+              file=sys.stderr, flush=True)
     return rows
+
+
+def _paper_ms(rows: list[dict]) -> dict:
+    """ms / step of the paper-style row per (model, B, T, round)."""
+    return {(r["model"], r["B"], r["T"], r.get("round")): r.get("ms_per_step") for r in rows
+            if r["impl"] == "paper"}
 
 
 def table(rows: list[dict]) -> str:
     head = f"{'model':<14} {'B':>2} {'T':>5} {'impl':<22} {'backend':<8} {'ms/step':>9} " \
            f"{'tok/s':>9} {'peak GiB':>9} {'vs paper':>8}"
     lines = [head, "-" * len(head)]
-    paper = {(r["model"], r["B"], r["T"]): r.get("ms_per_step") for r in rows
-             if r["impl"] == "paper"}
+    paper = _paper_ms(rows)
     for r in rows:
         ms = r.get("ms_per_step")
-        base = paper.get((r["model"], r["B"], r["T"]))
+        base = paper.get((r["model"], r["B"], r["T"], r.get("round")))
         speed = f"{base / ms:.2f}x" if ms and base else ""
         fmt = (lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-")
         lines.append(f"{r['model']:<14} {r['B']:>2} {r['T']:>5} {r['impl']:<22} "
                      f"{str(r.get('backend', '-')):<8} {fmt(ms, '9.1f')} "
                      f"{fmt(r.get('tokens_per_s'), '9.0f')} {fmt(r.get('peak_gib'), '9.2f')} "
                      f"{speed:>8}" + (f"  {r['error'][:40]}" if r.get("error") else ""))
+    return "\n".join(lines)
+
+
+def round_summary(rows: list[dict]) -> str:
+    """Per config over the rounds: median, min and max ms / step, and the median of the
+    per-round ratios to the paper-style row (each ratio from one round's pair of runs)."""
+    paper = _paper_ms(rows)
+    groups: dict = {}
+    for r in rows:
+        if r.get("ms_per_step"):
+            groups.setdefault((r["model"], r["B"], r["T"], r["impl"]), []).append(r)
+    head = f"{'model':<14} {'BxT':>7} {'impl':<26} {'rounds':>6} {'median ms':>10} " \
+           f"{'min':>9} {'max':>9} {'vs paper':>8}"
+    lines = [head, "-" * len(head)]
+    for (model, b, t, impl), rs in groups.items():
+        ms = [r["ms_per_step"] for r in rs]
+        ratios = [paper[(model, b, t, r.get("round"))] / r["ms_per_step"] for r in rs
+                  if paper.get((model, b, t, r.get("round")))]
+        speed = f"{statistics.median(ratios):.2f}x" if ratios else ""
+        lines.append(f"{model:<14} {f'{b}x{t}':>7} {impl:<26} {len(rs):>6} "
+                     f"{statistics.median(ms):>10.1f} {min(ms):>9.1f} {max(ms):>9.1f} "
+                     f"{speed:>8}")
     return "\n".join(lines)
 
 
@@ -462,6 +497,8 @@ def main(argv=None) -> int:
     ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                     help="one subprocess per config (auto: on CPU, for honest peak RSS)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated config")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole list this many times, interleaved (robust to drift)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/train_step_<dev>.json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = ap.parse_args(argv)
@@ -512,12 +549,13 @@ def main(argv=None) -> int:
         plan = [(m, b, t, list(i)) for m, b, t, i in plan]
     warmup = args.warmup if args.warmup is not None else warmup
     steps = args.steps if args.steps is not None else steps
-    if steps < 1 or warmup < 0:
-        raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+    if steps < 1 or warmup < 0 or args.rounds < 1:
+        raise SystemExit("error: --steps and --rounds must be >= 1 and --warmup >= 0")
     # auto: isolate on CPU (honest peak RSS), except --quick (speed; its peak is approximate)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and not cuda and not args.quick)
 
-    rows = run_all(plan, device, warmup, steps, isolate, args.backend, args.timeout, args.attn)
+    rows = run_all(plan, device, warmup, steps, isolate, args.backend, args.timeout, args.attn,
+                   args.rounds)
     if args.threads:
         for r in rows:
             r["threads"] = args.threads
@@ -531,6 +569,8 @@ def main(argv=None) -> int:
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["OUT"]) / out.name).write_text(text + "\n")
     print(table(rows))
+    if args.rounds > 1:
+        print(round_summary(rows))
     print(f"wrote {out}")
     return 1 if any("error" in r for r in rows) and all("error" in r for r in rows) else 0
 

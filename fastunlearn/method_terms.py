@@ -22,10 +22,10 @@ import torch
 from .losses import LossOutput, token_stats
 from .losses.methods import (
     DEFAULT_BETA,
-    forget_term_from_logprobs,
     rmu_control_vector,
     rmu_loss,
 )
+from .losses.sequence_term import sequence_forget_term
 from .losses.types import KIND_FORGET, KIND_NORMAL
 from .models import eval_mode
 
@@ -146,14 +146,7 @@ def add_method_terms(out: LossOutput, method: MethodSettings, inputs, coef, hidd
             loss = loss + eps_n * normal
     else:
         sel = (inputs.sequence >= 0).nonzero().squeeze(1)
-        cached = inputs.cached_ref_logp
-        live = method.reference_on_forget and cached is None
-        ref = ref_hidden[sel] if live else None
-        logp, logp_ref, _ = token_stats(hidden[sel], weight, inputs.labels[sel], ref,
-                                        ref_weight if live else None, with_kl=False,
-                                        **head_args)
-        if method.reference_on_forget and cached is not None:
-            logp_ref = cached[sel]  # the cached reference: no reference GEMM here
+        labels = inputs.labels[sel]
         n = inputs.n_sequences
         preferred = inputs.kinds[sel] == KIND_PREFERRED
         segment = inputs.sequence[sel] + n * preferred  # forget sequences, then preferred
@@ -161,16 +154,35 @@ def add_method_terms(out: LossOutput, method: MethodSettings, inputs, coef, hidd
         if method.name == "idk_dpo":
             forget_ids = torch.arange(n, device=segment.device)
             pairs = torch.stack([forget_ids + n, forget_ids], 1)
-        # every selected position is valid (prepare keeps valid positions only)
-        forget_term = forget_term_from_logprobs(
-            method.name, logp, logp_ref, torch.ones_like(preferred), segment, 2 * n, pairs,
-            method.beta, method.gamma, "sum")
+        logp_ref = None
+        if method.reference_on_forget:
+            cached = inputs.cached_ref_logp  # the cached reference: no reference GEMM here
+            logp_ref = cached[sel] if cached is not None else \
+                _reference_logprobs(ref_hidden[sel], weight, ref_weight, labels,
+                                    head_args)
+        head = {k: v for k, v in head_args.items() if k != "ref_bias"}
+        forget_term, logp = sequence_forget_term(
+            method.name, hidden[sel], weight, labels, segment, 2 * n, pairs, logp_ref,
+            beta=method.beta, gamma=method.gamma, **head)
         loss = loss + eps_f * forget_term
-        forget_nll = -torch.where(preferred, 0.0, logp).sum().detach()
+        forget_nll = -torch.where(preferred, 0.0, logp).sum()
         forget_term = forget_term.detach()
     counts = torch.tensor(inputs.counts, device=out.loss.device)
     return LossOutput(loss, forget_nll, out.mismatch_nll, normal.detach(), counts[0], counts[1],
                       counts[2], backend=out.backend, forget_term=forget_term)
+
+
+def _reference_logprobs(ref_hidden, weight, ref_weight, labels, head_args: dict):
+    """The live reference's log p(label) per row (no gradient); its head is its own or, with
+    ``ref_weight`` None, the policy's (the policy's bias too unless a reference bias is given)."""
+    bias = head_args["ref_bias"]
+    if ref_weight is None and bias is None:
+        bias = head_args["bias"]
+    rest = {k: v for k, v in head_args.items() if k not in ("bias", "ref_bias")}
+    with torch.no_grad():
+        head = weight if ref_weight is None else ref_weight
+        return token_stats(ref_hidden, head.detach(), labels, bias=bias, with_kl=False,
+                           **rest)[0]
 
 
 # ----------------------------------------------------------------------------------- rmu

@@ -27,7 +27,13 @@ from fastunlearn.losses import (
     token_stats,
     token_stats_ref,
 )
+from fastunlearn.losses.methods import (
+    forget_term_from_logprobs,
+    sequence_term_and_weights,
+    token_logprobs_ref,
+)
 from fastunlearn.losses.probe import AllocationRecorder
+from fastunlearn.losses.sequence_term import group_chunks, sequence_forget_term
 from tests.loss_cases import loss_backends, make_case
 
 SCALE, CAP = 1.3, 6.0
@@ -209,24 +215,115 @@ def test_formula_values():
     assert torch.equal(u, rmu_control_vector(16, 6.5, seed=3))
 
 
-@pytest.mark.parametrize("backend", loss_backends(fused_only=True), indirect=True)
-@pytest.mark.parametrize("method", HEAD_METHODS)
-def test_fused_method_matches_specification(backend, method):
-    h, w, y, rh, rw, b, rb = _case(34, 12, 47, torch.float32, seed=17)
+def _method_errors(method, backend, dtype, chunk_rows, beta=None):
+    """(value, gradient) relative errors of the fused forget term on ``backend`` in ``dtype``
+    against the fp64 specification (gradients: the worst of hidden, weight, bias)."""
+    h, w, y, rh, rw, b, rb = _case(34, 12, 47, dtype, seed=17)
     y, seg, n, pairs = _segments(y)
-    kw = dict(pairs=pairs, ref_bias=rb, softcap=CAP, logit_scale=SCALE, **_method_kwargs(method))
+    kw = dict(pairs=pairs, ref_bias=rb, softcap=CAP, logit_scale=SCALE,
+              **{**_method_kwargs(method), "beta": beta})
     hh, ww, bb = _leaves(h, w, b)
     got = method_forget_loss(method, hh, ww, y, seg, n, rh, rw, bias=bb, backend=backend,
-                             chunk_rows=8, **kw)
+                             chunk_rows=chunk_rows, **kw)
     got.backward()
     h64, w64, b64 = _leaves(h, w, b, dtype=torch.float64)
     want = method_forget_loss_ref(method, h64, w64, y, seg, n, rh.double(), rw.double(),
                                   bias=b64, **{**kw, "ref_bias": rb.double()})
     want.backward()
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
-    for a, e in ((hh.grad, h64.grad), (ww.grad, w64.grad), (bb.grad, b64.grad)):
-        assert _rel(a, e) < 5e-5, (method, _rel(a, e))
+    assert all(a.dtype == dtype for a in (hh.grad, ww.grad, bb.grad))
+    want = want.detach()
+    value = abs(float(got.detach().double() - want)) / max(abs(float(want)), 1e-6)
+    grads = max(_rel(a, e) for a, e in ((hh.grad, h64.grad), (ww.grad, w64.grad),
+                                        (bb.grad, b64.grad)))
+    return value, grads
+
+
+# chunk_rows 8: a sequence (6 rows) fits a chunk, an idk_dpo pair (12) does not (two passes);
+# 64: every pair fits (one pass for every sequence method)
+@pytest.mark.parametrize("backend", loss_backends(fused_only=True), indirect=True)
+@pytest.mark.parametrize("method", HEAD_METHODS)
+@pytest.mark.parametrize("chunk_rows", [8, 64])
+def test_fused_method_matches_specification(backend, method, chunk_rows):
+    beta = _method_kwargs(method)["beta"]
+    value, grads = _method_errors(method, backend, torch.float32, chunk_rows, beta)
+    assert value < 2e-5 and grads < 5e-5, (method, value, grads)
+
+
+@pytest.mark.parametrize("backend", loss_backends(fused_only=True), indirect=True)
+@pytest.mark.parametrize("method", HEAD_METHODS)
+def test_fused_method_in_bf16_within_twice_plain_pytorch(backend, method):
+    """bf16 inputs: at most twice the error of plain PyTorch (the reference backend, full
+    logits) in bf16, plus 2e-3 (the default beta: a steeper one leaves too few bf16 bits in
+    SimNPO's saturated sigmoid for either path)."""
+    plain = _method_errors(method, "reference", torch.bfloat16, 64)
+    fused = _method_errors(method, backend, torch.bfloat16, 64)
+    assert all(f <= 2 * p + 2e-3 for f, p in zip(fused, plain)), (fused, plain)
+
+
+def _logit_rows(rec, vocab):
+    """Rows of (rows, V) logits the recorded GEMMs computed."""
+    gemms = ("mm", "addmm", "addmm_", "matmul")
+    return sum(s[0] for f, s in rec.outputs if f in gemms and len(s) == 2 and s[1] == vocab)
+
+
+@pytest.mark.parametrize("method", ["npo", "simnpo", "idk_dpo"])
+def test_sequence_term_computes_the_logits_once_when_sequences_fit(method):
+    """One pass when every sequence (pair) fits a chunk: each forget row's logits are
+    computed once over forward and backward (the paper's cost), and twice (token_stats: the
+    backward recomputes them) when one does not fit; both equal the specification."""
+    v = 47
+    h, w, y, rh, rw, b, _rb = _case(34, 12, v, torch.float32, seed=41)
+    y, seg, n, pairs = _segments(y)
+    n_valid = int(((y != -100) & (seg >= 0)).sum())
+    want = method_forget_loss_ref(method, h.double(), w.double(), y, seg, n, rh.double(),
+                                  rw.double(), pairs=pairs, bias=b.double(), ref_bias=b.double(),
+                                  reduction="sum")
+    want_logp = token_logprobs_ref(h, w, y, bias=b).float() * (seg >= 0)
+    for chunk_rows, passes in ((64, 1), (4, 2)):
+        hh, ww = _leaves(h, w)
+        ref_logp = token_stats(rh, rw, y, bias=b, backend="chunked")[0]
+        with AllocationRecorder() as rec:
+            term, logp = sequence_forget_term(method, hh, ww, y, seg, n, pairs, ref_logp, bias=b,
+                                              backend="chunked", chunk_rows=chunk_rows)
+            term.backward()
+        assert _logit_rows(rec, v) == passes * n_valid, (chunk_rows, n_valid)
+        torch.testing.assert_close(term.double(), want, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+        assert hh.grad is not None and ww.grad is not None
+
+
+@pytest.mark.parametrize("method", ["npo", "simnpo", "idk_dpo"])
+def test_closed_form_weights_are_the_formulas_gradients(method):
+    """sequence_term_and_weights == autograd through forget_term_from_logprobs ("sum"), on
+    any subset of whole sequences (what one chunk holds), and the chunks' terms add up."""
+    g = torch.Generator().manual_seed(43)
+    seg = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, -1, 4])
+    pairs = torch.tensor([[1, 0], [3, 2]])
+    logp = -torch.rand(seg.shape, generator=g, dtype=torch.float64) * 4
+    logp_ref = -torch.rand(seg.shape, generator=g, dtype=torch.float64) * 4
+    kw = dict(beta=0.7, gamma=0.3)
+    for keep in (torch.arange(12), torch.arange(5), torch.arange(5, 10)):
+        leaf = logp[keep].clone().requires_grad_()
+        want = forget_term_from_logprobs(method, leaf, logp_ref[keep],
+                                         torch.ones(keep.numel(), dtype=torch.bool), seg[keep],
+                                         5, pairs, kw["beta"], kw["gamma"], "sum")
+        want.backward()
+        term, weight = sequence_term_and_weights(method, logp[keep], logp_ref[keep], seg[keep],
+                                                 5, pairs, **kw)
+        torch.testing.assert_close(term, want.detach())
+        torch.testing.assert_close(weight, leaf.grad)
+    halves = [sequence_term_and_weights(method, logp[k], logp_ref[k], seg[k], 5, pairs, **kw)[0]
+              for k in (torch.arange(5), torch.arange(5, 12))]
+    whole = sequence_term_and_weights(method, logp, logp_ref, seg, 5, pairs, **kw)[0]
+    torch.testing.assert_close(halves[0] + halves[1], whole)
+
+
+def test_group_chunks():
+    assert group_chunks([3, 4, 2, 6], 7) == [7, 2, 6]
+    assert group_chunks([3, 4, 2, 6], 6) == [3, 6, 6]
+    assert group_chunks([3, 8], 7) is None
+    assert group_chunks([], 7) == []
 
 
 @pytest.mark.parametrize("backend", ["chunked", "reference"])
@@ -308,6 +405,22 @@ def test_token_stats_op_registration():
     torch.library.opcheck(_stats_backward_op,
                           (g, g, h, w, y, rh, rw, b, rb, 5.0, 1.5, -100, 4, "chunked", True,
                            True, True), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_sequence_term_op_registration():
+    """opcheck of the one-pass sequence-term op (schema, fake tensors, autograd)."""
+    from fastunlearn.losses.sequence_term import _sequence_term_op
+
+    h, w, y, _rh, _rw, b, _rb = _case(9, 4, 20, torch.float32, seed=47)
+    y = y.clamp(min=0)  # the op takes valid rows only
+    seg = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    for t in (h, w, b):
+        t.requires_grad_()
+    args = (h, w, y, seg, torch.randn(9), None, b, "npo", 3, 0.5, 0.0, 5.0, 1.5, [5, 4],
+            "chunked", True, True, True)
+    torch.library.opcheck(_sequence_term_op, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
 
 
 # ----------------------------------------------------------------------------- bad inputs

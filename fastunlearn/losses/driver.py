@@ -25,6 +25,7 @@ fp32 contiguous, already scaled, or None; softcap c or None. It overwrites z wit
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -77,6 +78,11 @@ def plan_chunks(n_rows: int, n_ref: int, vocab: int, itemsize: int, device_type:
     ref_rows = min(rows, n_ref)
     chunks = -(-n_rows // rows) if n_rows else 0
     return ChunkPlan(rows, ref_rows, chunks, (rows + ref_rows) * vocab * itemsize)
+
+
+def bytes_per_logit(gemm_dt: torch.dtype, row_pass) -> int:
+    """A chunk's bytes per logit: the workspace element plus the row pass's own temporaries."""
+    return torch.finfo(gemm_dt).bits // 8 + getattr(row_pass, "temp_bytes_per_logit", 0)
 
 
 def gemm_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -133,7 +139,8 @@ def _host_counts(bad, counts, options: LossOptions, has_ref: bool, vocab: int):
 
 def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
                options: LossOptions, row_pass, *, need_dx=True, need_dw=True, need_db=True,
-               row_weight=None, row_values=None, fp32_gemm=None):
+               row_weight=None, row_values=None, fp32_gemm=None, chunk_sizes=None,
+               chunk_weights=None):
     """(loss, terms (3,), counts (3,), dX, dW, db) for grad_output = 1.
 
     dX in hidden's dtype, dW in weight's dtype, db in bias's dtype; an input that needs no
@@ -145,6 +152,12 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
     other rows keep their value). ``loss`` and ``terms`` ignore ``row_weight``.
     ``fp32_gemm(a, b, out, beta)`` (out = beta * out + a @ b) replaces torch's GEMMs when the
     head is fp32 (the cpp backend's oneDNN engine on CPU).
+
+    Per-chunk hooks (a sequence method's one-pass term, ``sequence_term``): ``chunk_sizes``
+    (host ints summing to the counted rows) replaces the plan's equal chunks;
+    ``chunk_weights(start, rows, vals)`` is called after each chunk's row pass with the
+    chunk's position in sorted order and its (rows,) values, and returns (rows,) fp32 factors
+    for the chunk's gradient rows (known only once the chunk's values are).
     """
     need_db = need_db and bias is not None
     device = hidden.device
@@ -194,17 +207,18 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
         else hidden.new_empty(0)
     db = torch.zeros(vocab, device=device, dtype=acc_dt) if need_db else hidden.new_empty(0)
     vals = torch.zeros(n_rows, device=device, dtype=torch.float32)
-    # bytes per logit of a chunk: the workspace element plus the row pass's own temporaries
-    per_logit = torch.finfo(gdt).bits // 8 + getattr(row_pass, "temp_bytes_per_logit", 0)
-    plan = plan_chunks(n_rows, n_n, vocab, per_logit, device.type, options.chunk_rows)
+    plan = plan_chunks(n_rows, n_n, vocab, bytes_per_logit(gdt, row_pass), device.type,
+                       options.chunk_rows)
+    sizes = _chunk_sizes(plan, n_rows, chunk_sizes)
     if n_rows:
-        zbuf = torch.empty(plan.rows, vocab, device=device, dtype=gdt)
-        zrbuf = torch.empty(plan.ref_rows, vocab, device=device, dtype=gdt) if n_n else None
-        dxbuf = torch.empty(plan.rows, h_dim, device=device, dtype=gdt) if need_dx else None
+        most = max(sizes)
+        zbuf = torch.empty(most, vocab, device=device, dtype=gdt)
+        zrbuf = torch.empty(min(most, n_n), vocab, device=device, dtype=gdt) if n_n else None
+        dxbuf = torch.empty(most, h_dim, device=device, dtype=gdt) if need_dx else None
         first_normal = n_f + n_m
         mark("glue")
-        for i, s0 in enumerate(range(0, n_rows, plan.rows)):
-            r = min(plan.rows, n_rows - s0)
+        starts = [0, *itertools.accumulate(sizes)][:-1]
+        for i, (s0, r) in enumerate(zip(starts, sizes)):
             n_ref = max(0, s0 + r - max(s0, first_normal))
             idx = order[s0:s0 + r]
             hc = _gather(hidden, idx, gdt, s)
@@ -218,9 +232,15 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
             vals[s0:s0 + r] = row_pass(z, zr, labels_sorted[s0:s0 + r],  # 3
                                        row_scale[s0:s0 + r], r - n_ref, hc, w, b32, rb32,
                                        options.softcap)
+            factor = None
+            if chunk_weights is not None:
+                factor = chunk_weights(s0, r, vals[s0:s0 + r]).to(gdt)[:, None]
+                hc.mul_(factor)  # dW = dZ^T (f * H_c); the row pass is done with hc
             mark("row_pass")
             if need_dx:  # 4
                 d = mm(z, w, dxbuf[:r], 0.0)
+                if factor is not None:
+                    d.mul_(factor)
                 if s != 1.0:
                     d.mul_(s)
                 dx.index_copy_(0, idx, d.to(dx.dtype))
@@ -232,7 +252,7 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
                     accumulate_dw(dw, z, hc, first=i == 0)
                 mark("dw")
             if need_db:  # 6
-                db += z.sum(0, dtype=acc_dt)
+                db += z.sum(0, dtype=acc_dt) if factor is None else z.t().mv(factor[:, 0])
                 mark("glue")
         del zbuf, zrbuf, dxbuf
     elif need_dw:
@@ -250,6 +270,17 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
         db = db.to(bias.dtype)
     mark("glue")
     return loss, terms, counts, dx, dw, db
+
+
+def _chunk_sizes(plan: ChunkPlan, n_rows: int, sizes) -> list[int]:
+    """The rows of each chunk: the caller's ``sizes`` (checked) or the plan's equal chunks."""
+    if sizes is None:
+        return [min(plan.rows, n_rows - s0) for s0 in range(0, n_rows, plan.rows)]
+    sizes = [int(r) for r in sizes]
+    if sum(sizes) != n_rows or min(sizes, default=1) < 1:
+        raise ValueError(f"chunk_sizes {sizes} must be positive and add up to the {n_rows} "
+                         "counted rows")
+    return sizes
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype, scale: float):

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import flat_rows
 from .reference import logits_ref
+from .sequence_term import sequence_forget_term
 from .token_stats import token_stats
 from .types import IGNORE_INDEX
 
@@ -199,6 +201,58 @@ def forget_term_from_logprobs(method, logp, logp_ref, valid, segment, n_segments
     return _mean(values, has_tokens[w] & has_tokens[lose], reduction)
 
 
+def counted_sequences(method, valid, segment, n_segments, pairs) -> Tensor:
+    """How many sequences (idk_dpo: pairs) a sequence method's mean is over: those with a
+    valid token (both of a pair's sequences with one)."""
+    n_tokens = sequence_sums((valid & (segment >= 0)).float(), segment, n_segments)
+    has_tokens = n_tokens > 0
+    if method == "idk_dpo":
+        return (has_tokens[pairs[:, 0]] & has_tokens[pairs[:, 1]]).sum()
+    return has_tokens.sum()
+
+
+def sequence_term_and_weights(method, logp, logp_ref, segment, n_segments, pairs, beta,
+                              gamma) -> tuple[Tensor, Tensor]:
+    """A sequence method's forget term ("sum" reduction) over the rows ``logp`` (N,), every
+    row a valid token, and d term / d logp per row: the fused one-pass path computes gradients
+    inside its forward, so the derivative is in closed form here (tested against autograd).
+
+    With u the logsigmoid's argument: d/dS of -(2/beta) logsigmoid(u) is -(2/beta)
+    sigmoid(-u) du/dS, where du/dS is -beta / L (simnpo), -beta (npo), and +beta / -beta for
+    the preferred / forget sequence of an idk_dpo pair. Sequences (pairs) without a row here
+    add nothing, so a chunk holding whole sequences (pairs) gives its share of the term."""
+    beta = check_beta(DEFAULT_BETA[method] if beta is None else beta)
+    member = segment >= 0
+    S = sequence_sums(logp, segment, n_segments)
+    n_tokens = sequence_sums(member.to(logp.dtype), segment, n_segments)
+    has_tokens = n_tokens > 0
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if method == "simnpo":
+        length = n_tokens.clamp(min=1)
+        values = simnpo_loss(S, n_tokens, beta, gamma)
+        d_S = torch.where(has_tokens, 2.0 / length * torch.sigmoid(beta * S / length + gamma),
+                          zero)
+        term = torch.where(has_tokens, values, zero).sum()
+    elif method == "npo":
+        S_ref = sequence_sums(logp_ref, segment, n_segments)
+        values = npo_loss(S, S_ref, beta)
+        d_S = torch.where(has_tokens, 2.0 * torch.sigmoid(beta * (S - S_ref)), zero)
+        term = torch.where(has_tokens, values, zero).sum()
+    elif method == "idk_dpo":
+        S_ref = sequence_sums(logp_ref, segment, n_segments)
+        w, lose = pairs[:, 0], pairs[:, 1]
+        counted = has_tokens[w] & has_tokens[lose]
+        margin = (S[w] - S_ref[w]) - (S[lose] - S_ref[lose])
+        values = idk_dpo_loss(S[w], S_ref[w], S[lose], S_ref[lose], beta)
+        d_w = torch.where(counted, -2.0 * torch.sigmoid(-beta * margin), zero)
+        d_S = torch.zeros_like(S).index_add_(0, w, d_w).index_add_(0, lose, -d_w)
+        term = torch.where(counted, values, zero).sum()
+    else:
+        raise ValueError(f"{method!r} is not a sequence method ({', '.join(SEQUENCE_METHODS)})")
+    weight = torch.where(member, d_S[segment.clamp(min=0)], zero)
+    return term, weight
+
+
 def _check_forget_args(method, labels, segment, ref_hidden, pairs, n_segments):
     check_method(method)
     if method == "rmu":
@@ -236,14 +290,29 @@ def method_forget_loss(method: str, hidden: Tensor, weight: Tensor, labels: Tens
         0-dim differentiable tensor (fp32).
     """
     pairs = _check_forget_args(method, labels, segment, ref_hidden, pairs, n_segments)
-    use_ref = method in REFERENCE_METHODS
-    logp, logp_ref, _ = token_stats(
-        hidden, weight, labels, ref_hidden if use_ref else None, ref_weight if use_ref else None,
-        bias=bias, ref_bias=ref_bias, softcap=softcap, logit_scale=logit_scale,
-        ignore_index=ignore_index, backend=backend, chunk_rows=chunk_rows, with_kl=False)
-    valid = labels.reshape(-1) != ignore_index
-    return forget_term_from_logprobs(method, logp, logp_ref, valid, segment.long(), n_segments,
-                                     pairs, beta, gamma, reduction)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    head = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
+                backend=backend, chunk_rows=chunk_rows)
+    hidden, ref_hidden, flat_labels, ref_bias = flat_rows(hidden, ref_hidden, labels,
+                                                          ref_weight, bias, ref_bias)
+    valid, segment = flat_labels != ignore_index, segment.long()
+    if method not in SEQUENCE_METHODS:
+        logp = token_stats(hidden, weight, flat_labels, bias=bias, with_kl=False, **head)[0]
+        return forget_term_from_logprobs(method, logp, None, valid, segment, n_segments, pairs,
+                                         beta, gamma, reduction)
+    logp_ref = None
+    if method in REFERENCE_METHODS:
+        with torch.no_grad():
+            rw = weight if ref_weight is None else ref_weight
+            logp_ref = token_stats(ref_hidden, rw.detach(), flat_labels, bias=ref_bias,
+                                   with_kl=False, **head)[0]
+    term, _ = sequence_forget_term(method, hidden, weight, flat_labels, segment, n_segments,
+                                   pairs, logp_ref, bias=bias, beta=beta, gamma=gamma, **head)
+    if reduction == "sum":
+        return term
+    counted = counted_sequences(method, valid, segment, n_segments, pairs)
+    return term / counted.clamp(min=1).to(term.dtype)
 
 
 # ----------------------------------------------------------------------------- specification

@@ -35,25 +35,32 @@ def _fake(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, 
             (bias if need_db else hidden).new_empty(bias.shape if need_db else (0,)))
 
 
-def _setup_context(ctx, inputs, output):
-    _loss, terms, counts, dx, dw, db = output
-    ctx.save_for_backward(dx, dw, db)
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(terms, counts, dx, dw, db)
-    ctx.scaled = False
+def register_scaled_gradients(qualname: str, n_inputs: int, grad_slots: tuple[int, ...]):
+    """Autograd for a custom op whose first output is a scalar and whose last three outputs
+    are its gradients (dX, dW, db) for grad_output = 1, computed in the forward (an empty
+    tensor for one not needed): the backward scales them by grad_output, in place, and
+    returns them for the inputs at ``grad_slots``. Every other output is non-differentiable."""
 
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output[-3:])
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.scaled = False
 
-def _backward(ctx, grad_loss, *_unused):
-    if grad_loss is None:
-        return (None,) * _N_INPUTS
-    dx, dw, db = ctx.saved_tensors
-    g = grad_loss.float()
-    # in place the first time (these buffers belong to this op); a second backward through a
-    # retained graph must not scale them twice
-    scale = (lambda t: t.mul(g)) if ctx.scaled else (lambda t: t.mul_(g))
-    ctx.scaled = True
-    grads = [scale(t) if t.numel() or t.dim() > 1 else None for t in (dx, dw, db)]
-    return (grads[0], grads[1], None, None, None, None, grads[2]) + (None,) * (_N_INPUTS - 7)
+    def backward(ctx, grad_loss, *_unused):
+        grads = [None] * n_inputs
+        if grad_loss is None:
+            return tuple(grads)
+        g = grad_loss.float()
+        # in place the first time (these buffers belong to this op); a second backward through
+        # a retained graph must not scale them twice
+        scale = (lambda t: t.mul(g)) if ctx.scaled else (lambda t: t.mul_(g))
+        ctx.scaled = True
+        for slot, t in zip(grad_slots, ctx.saved_tensors):
+            grads[slot] = scale(t) if t.numel() or t.dim() > 1 else None
+        return tuple(grads)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
 def register_loss_op(qualname: str, run: Callable) -> Callable:
@@ -77,7 +84,7 @@ def register_loss_op(qualname: str, run: Callable) -> Callable:
                        options, need_dx, need_dw, need_db)
 
     op.register_fake(_fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    register_scaled_gradients(qualname, _N_INPUTS, (0, 1, 6))  # hidden, weight, bias
 
     def call(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
              options: LossOptions, backend: str) -> LossOutput:

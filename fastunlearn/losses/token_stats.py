@@ -237,6 +237,25 @@ def _triton_stats(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias
         chunk_rows=options.chunk_rows)
 
 
+def checked_rows(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias,
+                 options: LossOptions, backend: str):
+    """The input check of every token-statistics path: (backend name, hidden, ref_hidden,
+    labels, ref_bias) with the inputs flattened to rows. Labels are checked here for every
+    path (the driver folds the check into its count)."""
+    raise_deferred_errors()
+    hidden, ref_hidden, labels, ref_bias = flat_rows(hidden, ref_hidden, labels, ref_weight,
+                                                     bias, ref_bias)
+    chosen = resolve_backend(backend, hidden.device.type)
+    if chosen.name not in TOKEN_STATS_PATHS:
+        raise BackendUnavailableError(f"backend {chosen.name!r} has no token-stats path "
+                                      f"(known: {', '.join(TOKEN_STATS_PATHS)})")
+    kind = torch.zeros(labels.shape, dtype=torch.int8, device=labels.device)
+    check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, options,
+                 dtypes=chosen.dtypes, backend=chosen.name,
+                 rows_on_device=chosen.name in _DRIVER_BACKENDS)
+    return chosen.name, hidden, ref_hidden, labels, ref_bias
+
+
 def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor,
                 ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None, *,
                 bias: Tensor | None = None, ref_bias: Tensor | None = None,
@@ -275,26 +294,16 @@ def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor,
         >>> S = sequence_sums(logp, segment, n_seq)   # fastunlearn.losses.methods
     """
     options = _pass_options(softcap, logit_scale, ignore_index, chunk_rows)
-    raise_deferred_errors()
-    hidden, ref_hidden, labels, ref_bias = flat_rows(hidden, ref_hidden, labels, ref_weight,
-                                                     bias, ref_bias)
-    chosen = resolve_backend(backend, hidden.device.type)
-    if chosen.name not in TOKEN_STATS_PATHS:
-        raise BackendUnavailableError(f"backend {chosen.name!r} has no token-stats path "
-                                      f"(known: {', '.join(TOKEN_STATS_PATHS)})")
-    # labels are checked here for every path; the driver folds the check into its count
-    kind = torch.zeros(labels.shape, dtype=torch.int8, device=labels.device)
-    check_inputs(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, options,
-                 dtypes=chosen.dtypes, backend=chosen.name,
-                 rows_on_device=chosen.name in _DRIVER_BACKENDS)
+    chosen, hidden, ref_hidden, labels, ref_bias = checked_rows(
+        hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, options, backend)
     args = (hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias)
-    if chosen.name == "reference":
+    if chosen == "reference":
         logp, logp_ref, kl = _reference_stats(*args, options)
-    elif chosen.name == "triton":
+    elif chosen == "triton":
         logp, logp_ref, kl = _triton_stats(*args, options)
     else:
         return _stats_op(*args, options.softcap, options.logit_scale, options.ignore_index,
-                         options.chunk_rows, chosen.name, bool(with_kl))
+                         options.chunk_rows, chosen, bool(with_kl))
     if not with_kl or ref_hidden is None:  # 0 and constant, as on the driver path
         kl = torch.zeros_like(logp_ref)
     return logp, logp_ref, kl
