@@ -278,16 +278,14 @@ def batch_rows(batch, method: str = "paper") -> list[list]:
 
 
 # ------------------------------------------------------------------------- one config
-def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: int,
-               steps: int, backend: str = "auto", attn: str = "auto") -> dict:
-    """Build, warm up, time. Returns one result row (no 'commit'/'torch' fields)."""
+def build_config(model_name: str, b: int, t: int, impl: str, device: str,
+                 backend: str = "auto", attn: str = "auto"):
+    """(the result row's build fields, the step function) of one impl."""
     from fastunlearn.models import frozen_copy, pick_attn_implementation
 
     opt_ = parse_impl(impl)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    _touch_torch(dev)  # lazily loaded libraries / pools are not the step's memory
-    rss0 = proc_status_kib("VmRSS")
     weights_dtype = torch.bfloat16 if opt_["bf16w"] else torch.float32
     compute_dtype = torch.bfloat16 if (cuda or opt_["bf16w"]) else torch.float32
     attn = pick_attn_implementation(dev) if attn == "auto" else attn
@@ -334,31 +332,54 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
         row.update(backend=trainer.backend, reference=reference, method=opt_["method"],
                    optimizer=type(trainer.optimizer).__name__)
     row["trainable_params"] = sum(p.numel() for p in params)
+    return row, step
 
+
+def time_steps(step, warmup: int, steps: int, cuda: bool) -> tuple[list, list, torch.Tensor]:
+    """(wall seconds, process CPU seconds, last loss) of ``steps`` steps after ``warmup``."""
+    times, cpu_times, loss = [], [], None
+    for i in range(warmup + steps):
+        sec, cpu, loss = _one_step(step, cuda)
+        if i >= warmup:
+            times.append(sec)
+            cpu_times.append(cpu)
+    return times, cpu_times, loss
+
+
+def _one_step(step, cuda: bool):
+    if cuda:
+        torch.cuda.synchronize()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    loss = step()
+    if cuda:
+        torch.cuda.synchronize()
+    # process CPU seconds (all threads): less sensitive than wall time to other load
+    return time.perf_counter() - start, time.process_time() - cpu_start, loss
+
+
+def _timing_fields(times, cpu_times, loss, b: int, t: int, warmup: int, steps: int) -> dict:
+    ms = 1e3 * statistics.median(times)
+    return dict(ms_per_step=round(ms, 2), ms_all=[round(1e3 * x, 2) for x in times],
+                tokens_per_s=round(3 * b * t / (ms / 1e3), 1), loss=float(loss),
+                warmup=warmup, steps=steps,
+                cpu_s_per_step=round(statistics.median(cpu_times), 3))
+
+
+def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: int,
+               steps: int, backend: str = "auto", attn: str = "auto") -> dict:
+    """Build, warm up, time. Returns one result row (no 'commit'/'torch' fields)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    _touch_torch(dev)  # lazily loaded libraries / pools are not the step's memory
+    rss0 = proc_status_kib("VmRSS")
+    row, step = build_config(model_name, b, t, impl, device, backend, attn)
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
         reset_peak_rss()
-    times, cpu_times = [], []
-    loss = None
-    for i in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        loss = step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            # process CPU seconds (all threads): less sensitive than wall time to other load
-            cpu_times.append(time.process_time() - cpu_start)
-    ms = 1e3 * statistics.median(times)
-    row.update(ms_per_step=round(ms, 2), ms_all=[round(1e3 * x, 2) for x in times],
-               tokens_per_s=round(3 * b * t / (ms / 1e3), 1), loss=float(loss),
-               warmup=warmup, steps=steps,
-               cpu_s_per_step=round(statistics.median(cpu_times), 3))
+    row.update(_timing_fields(*time_steps(step, warmup, steps, cuda), b, t, warmup, steps))
     if cuda:
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
@@ -368,6 +389,41 @@ def run_config(model_name: str, b: int, t: int, impl: str, device: str, warmup: 
         row["device"] = "cpu"
         row["threads"] = torch.get_num_threads()
     return row
+
+
+def run_interleaved(model_name: str, b: int, t: int, impls: list[str], device: str,
+                    warmup: int, steps: int, backend: str = "auto",
+                    attn: str = "auto") -> list[dict]:
+    """Every impl built in this one process, their steps taken in turn (A B C A B C ...), so
+    a shared machine's load drifts hit every impl alike. Each row also gets
+    ``paired_ratio``: the median over turns of its step time over the first impl's in the same
+    turn. No peak memory (the impls share the process)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    built = [build_config(model_name, b, t, impl, device, backend, attn) for impl in impls]
+    for _ in range(warmup):
+        for _row, step in built:
+            _one_step(step, cuda)
+    times = [[] for _ in built]
+    cpu_times = [[] for _ in built]
+    losses = [None] * len(built)
+    for _ in range(steps):
+        for k, (_row, step) in enumerate(built):
+            sec, cpu, losses[k] = _one_step(step, cuda)
+            times[k].append(sec)
+            cpu_times[k].append(cpu)
+    rows = []
+    for k, (row, _step) in enumerate(built):
+        row.update(_timing_fields(times[k], cpu_times[k], losses[k], b, t, warmup, steps))
+        row.update(interleaved_with=impls, device=torch.cuda.get_device_name(dev) if cuda
+                   else "cpu", paired_ratio=round(statistics.median(
+                       x / y for x, y in zip(times[k], times[0])), 4),
+                   paired_cpu_ratio=round(statistics.median(
+                       x / y for x, y in zip(cpu_times[k], cpu_times[0])), 4))
+        if not cuda:
+            row["threads"] = torch.get_num_threads()
+        rows.append(row)
+    return rows
 
 
 def run_isolated(spec: dict, timeout: float) -> dict:
@@ -385,11 +441,7 @@ def run_isolated(spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: str,
-            timeout: float, attn: str = "auto", rounds: int = 1) -> list[dict]:
-    """Every config of ``plan``, ``rounds`` times over (round r runs every config before round
-    r + 1 starts: slow drifts of a shared machine's load hit every impl alike)."""
-    rows = []
+def _meta() -> dict:
     meta = {"torch": torch.__version__, "commit": git_commit(), "cpu_model": cpu_model(),
             "cpu_threads": torch.get_num_threads()}
     try:
@@ -397,6 +449,36 @@ def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: 
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
+    return meta
+
+
+def run_all_interleaved(plan, device: str, warmup: int, steps: int, backend: str,
+                        attn: str = "auto", rounds: int = 1) -> list[dict]:
+    """``run_interleaved`` per (model, shape) of ``plan``, ``rounds`` times over."""
+    rows, meta = [], _meta()
+    for rnd in range(rounds):
+        for model_name, b, t, impls in plan:
+            print(f"[bench] {model_name} B={b} T={t} interleaved: {', '.join(impls)}"
+                  + (f" round {rnd + 1}/{rounds}" if rounds > 1 else ""), file=sys.stderr,
+                  flush=True)
+            load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+            for row in run_interleaved(model_name, b, t, impls, device, warmup, steps,
+                                       backend, attn):
+                row.update(meta, load_average_before=load, peak_gib=None)
+                if rounds > 1:
+                    row["round"] = rnd
+                rows.append(row)
+                print(f"[bench]   {row['impl']}: {row['ms_per_step']} ms, "
+                      f"{row['paired_ratio']}x the first", file=sys.stderr, flush=True)
+            gc.collect()
+    return rows
+
+
+def run_all(plan, device: str, warmup: int, steps: int, isolate: bool, backend: str,
+            timeout: float, attn: str = "auto", rounds: int = 1) -> list[dict]:
+    """Every config of ``plan``, ``rounds`` times over (round r runs every config before round
+    r + 1 starts: slow drifts of a shared machine's load hit every impl alike)."""
+    rows, meta = [], _meta()
     configs = [(m, b, t, impl) for m, b, t, impls in plan for impl in impls]
     for rnd, (model_name, b, t, impl) in ((r, c) for r in range(rounds) for c in configs):
         spec = dict(model_name=model_name, b=b, t=t, impl=impl, device=device,
@@ -456,24 +538,27 @@ def table(rows: list[dict]) -> str:
 
 
 def round_summary(rows: list[dict]) -> str:
-    """Per config over the rounds: median, min and max ms / step, and the median of the
-    per-round ratios to the paper-style row (each ratio from one round's pair of runs)."""
+    """Per config over the rounds: median, min and max ms / step, the median of the
+    per-round ratios to the paper-style row (each ratio from one round's pair of runs) and,
+    for interleaved runs, the median of the paired step-time ratios to the first impl."""
     paper = _paper_ms(rows)
     groups: dict = {}
     for r in rows:
         if r.get("ms_per_step"):
             groups.setdefault((r["model"], r["B"], r["T"], r["impl"]), []).append(r)
     head = f"{'model':<14} {'BxT':>7} {'impl':<26} {'rounds':>6} {'median ms':>10} " \
-           f"{'min':>9} {'max':>9} {'vs paper':>8}"
+           f"{'min':>9} {'max':>9} {'vs paper':>8} {'paired / first':>14}"
     lines = [head, "-" * len(head)]
     for (model, b, t, impl), rs in groups.items():
         ms = [r["ms_per_step"] for r in rs]
         ratios = [paper[(model, b, t, r.get("round"))] / r["ms_per_step"] for r in rs
                   if paper.get((model, b, t, r.get("round")))]
         speed = f"{statistics.median(ratios):.2f}x" if ratios else ""
+        paired = [r["paired_ratio"] for r in rs if r.get("paired_ratio")]
+        paired = f"{statistics.median(paired):.3f}" if paired else ""
         lines.append(f"{model:<14} {f'{b}x{t}':>7} {impl:<26} {len(rs):>6} "
                      f"{statistics.median(ms):>10.1f} {min(ms):>9.1f} {max(ms):>9.1f} "
-                     f"{speed:>8}")
+                     f"{speed:>8} {paired:>14}")
     return "\n".join(lines)
 
 
@@ -499,6 +584,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated config")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the whole list this many times, interleaved (robust to drift)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="build every impl in one process and alternate their steps (paired "
+                         "timing; no peak memory; process-wide settings such as the "
+                         "allocator's apply to all of them)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/train_step_<dev>.json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = ap.parse_args(argv)
@@ -554,8 +643,12 @@ def main(argv=None) -> int:
     # auto: isolate on CPU (honest peak RSS), except --quick (speed; its peak is approximate)
     isolate = args.isolate == "yes" or (args.isolate == "auto" and not cuda and not args.quick)
 
-    rows = run_all(plan, device, warmup, steps, isolate, args.backend, args.timeout, args.attn,
-                   args.rounds)
+    if args.interleave:
+        rows = run_all_interleaved(plan, device, warmup, steps, args.backend, args.attn,
+                                   args.rounds)
+    else:
+        rows = run_all(plan, device, warmup, steps, isolate, args.backend, args.timeout,
+                       args.attn, args.rounds)
     if args.threads:
         for r in rows:
             r["threads"] = args.threads
@@ -569,7 +662,7 @@ def main(argv=None) -> int:
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["OUT"]) / out.name).write_text(text + "\n")
     print(table(rows))
-    if args.rounds > 1:
+    if args.rounds > 1 or args.interleave:
         print(round_summary(rows))
     print(f"wrote {out}")
     return 1 if any("error" in r for r in rows) and all("error" in r for r in rows) else 0

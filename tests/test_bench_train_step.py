@@ -76,3 +76,22 @@ def test_bad_arguments_are_one_line_errors():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--impls", "ours+nope"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and "unknown impl option 'nope'" in proc.stderr
+
+
+def test_interleaved_rounds_pair_every_step_with_the_first_impls(tmp_path, capsys):
+    """--interleave --rounds 2: every impl in one process, steps taken in turn, each round a
+    row per impl with its paired ratio to the first impl (1 for the first itself); the losses
+    are those of separate runs (each impl keeps its own model and optimizer)."""
+    mod = _module()
+    out = tmp_path / "inter.json"
+    assert mod.main(["--quick", "--interleave", "--rounds", "2", "--steps", "2",
+                     "--impls", "ours,ours+simnpo", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["round"]) for r in rows] == [("ours", 0), ("ours+simnpo", 0),
+                                                      ("ours", 1), ("ours+simnpo", 1)]
+    for r in rows:
+        assert len(r["ms_all"]) == 2 and r["interleaved_with"] == ["ours", "ours+simnpo"]
+        assert r["paired_ratio"] > 0 and r["peak_gib"] is None
+    assert rows[0]["paired_ratio"] == rows[2]["paired_ratio"] == 1.0
+    assert rows[0]["loss"] == pytest.approx(rows[2]["loss"], rel=1e-5)  # fresh build per round
+    assert "paired / first" in capsys.readouterr().out

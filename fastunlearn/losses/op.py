@@ -10,6 +10,9 @@ module turns it into a differentiable op:
 * ``set_materialize_grads(False)``: the outputs that are not the loss get no zero-filled
   gradients (a V x H and a BT x H buffer per backward otherwise);
 * a fake implementation, so ``torch.compile`` treats the op as one opaque node.
+
+``register_scaled_gradients`` is that autograd on its own: the sequence methods' one-pass op
+(``sequence_term``) computes its gradients in the forward too and uses it.
 """
 from __future__ import annotations
 

@@ -32,8 +32,9 @@ On the driver path one custom op (``fastunlearn::token_stats``) runs, without gr
 Cost in row GEMMs against the head (N valid rows): forward N policy + N reference logits, and N
 policy + N reference more for the KL copy (``with_kl=False`` skips it); backward N policy logits
 + N dX + N dW, and the same plus N reference logits again when kl carries a gradient. The policy
-logits are computed twice (forward and backward) because a sequence method's per-row gradient
-coefficient depends on the whole sequence's sum: keeping them instead would cost (BT, V) memory.
+logits are computed twice (forward and backward): the upstream gradients are known only after
+the forward, and keeping the logits would cost (BT, V) memory. A sequence method whose
+sequences fit a chunk avoids that with ``sequence_term`` (one pass, weights known per chunk).
 Each driver call reads the valid-row count back from the device once.
 """
 from __future__ import annotations
