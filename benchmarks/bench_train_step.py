@@ -4,6 +4,8 @@
     python benchmarks/bench_train_step.py --quick         # tiny model, seconds (CI)
     python benchmarks/bench_train_step.py --lora-8b       # Llama-3-8B-sized LoRA run (GPU)
     python benchmarks/bench_train_step.py --device cpu --threads 2
+    python benchmarks/bench_train_step.py --device cpu --threads 2 --interleave --rounds 2 \
+        --impls ours+cached,ours+simnpo+cached   # paired timing on a shared machine
 
 One step = B rows of each kind (forget, mismatch, normal) of length T, random tokens (throughput
 does not depend on the weights or the text), the first T/4 tokens of every row are prompt
@@ -32,6 +34,12 @@ keeps them for the paper's step too); ``@name`` forces a loss backend (e.g. ``ou
 ``+graddiff``, ``+npo``, ``+simnpo``, ``+idk_dpo`` or ``+rmu`` trains with that ``loss.method``
 instead of the paper's (idk_dpo's preferred rows: each forget prompt with a mismatch row's
 answer; rmu: no mismatch rows).
+
+Repetition: ``--rounds N`` runs the whole list N times, round after round. ``--interleave``
+builds every impl of a shape in one process and takes their steps in turn (A B C A B C ...):
+each row then also has ``paired_ratio``, the median over turns of its step time over the first
+impl's in the same turn, which a shared machine's slow load drifts do not move. Interleaved rows
+have no peak memory, and process-wide settings (threads, the allocator's) apply to every impl.
 
 Precision: on CUDA weights fp32 (master) with bf16 autocast, for both impls (``+bf16w``: bf16
 weights); on CPU fp32 throughout (``+bf16w``: bf16 weights and bf16 autocast). Timing:

@@ -83,6 +83,7 @@ def train_step_section(path: Path) -> str:
     # The paper-style row of the same model, shape and round (rounds: interleaved repetitions).
     paper = {(r["model"], r["B"], r["T"], r.get("round")): r for r in rows
              if r.get("impl") == "paper" and r.get("ms_per_step")}
+    interleaved = any("paired_ratio" in r for r in rows)
     table = []
     for r in rows:
         base = paper.get((r["model"], r["B"], r["T"], r.get("round")))
@@ -95,13 +96,21 @@ def train_step_section(path: Path) -> str:
         table.append([r["model"], f"{r['B']} x {r['T']}", r.get("round", "-"), r["impl"],
                       r.get("backend"), ms, cpu, r.get("peak_gib"), speedup, cpu_speedup,
                       load[0] if isinstance(load, list) and load else "-"])
+        if interleaved:
+            table[-1].append(r.get("paired_ratio", "-"))
+    head = ["model", "B x T", "round", "impl", "loss backend", "ms / step", "CPU s / step",
+            "peak GiB", "vs paper (wall)", "vs paper (CPU)", "load"]
+    note = ""
+    if interleaved:
+        head.append("paired / first")
+        note = (" Interleaved: the impls of a round ran in one process, their steps in turn; "
+                "paired / first is the median over turns of the step time over the first "
+                "impl's in the same turn.")
     return (f"## Whole unlearning step: `{path.name}`\n\n{_provenance(rows)}. B rows of each "
             "kind at length T; speed-ups are against the paper-style row of the same model, "
             "shape and round, in wall time and in CPU seconds; load is the 1-minute load "
-            "average before the row (CPU rows taken on a shared machine).\n\n"
-            + _table(["model", "B x T", "round", "impl", "loss backend", "ms / step",
-                      "CPU s / step", "peak GiB", "vs paper (wall)", "vs paper (CPU)",
-                      "load"], table))
+            f"average before the row (CPU rows taken on a shared machine).{note}\n\n"
+            + _table(head, table))
 
 
 def cpu_loss_section(path: Path) -> str:

@@ -12,7 +12,6 @@ to the step; ``aten::mm`` / ``aten::addmm`` rows are also broken down by input s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -30,31 +29,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
 
 
-def build_step(model_name: str, b: int, t: int, impl: str):
-    """The benchmark's step function for ``impl`` on CPU (fp32 unless ``+bf16w``)."""
-    from fastunlearn.models import frozen_copy, pick_attn_implementation
-
-    opt_ = bench.parse_impl(impl)
-    dev = torch.device("cpu")
-    weights_dtype = torch.bfloat16 if opt_["bf16w"] else torch.float32
-    torch.manual_seed(0)
-    policy = bench.build_model(model_name, dev, weights_dtype, pick_attn_implementation(dev))
-    batch = bench.make_batch(b, t, bench.MODELS[model_name]["vocab_size"])
-    if opt_["name"] == "paper":
-        if opt_["bf16w"]:
-            def autocast():
-                return torch.autocast("cpu", dtype=torch.bfloat16)
-        else:
-            autocast = contextlib.nullcontext
-        ref = frozen_copy(policy)
-        opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=2e-6)
-        return lambda: bench.paper_step(policy, ref, batch, opt, (0.5, 1.0, 1.0), autocast)
-    compute = torch.bfloat16 if opt_["bf16w"] else torch.float32
-    trainer = bench.ours_trainer(policy, bench.batch_rows(batch), opt_, dev, compute,
-                                 opt_["backend"] or "auto", b)
-    return lambda: trainer.train_step()["loss"]
-
-
 def _row(e, total_us: float) -> dict:
     return {"name": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
             "self_pct": round(100 * e.self_cpu_time_total / total_us, 1),
@@ -64,7 +38,7 @@ def _row(e, total_us: float) -> dict:
 
 def profile_impl(model_name: str, b: int, t: int, impl: str, warmup: int, steps: int,
                  top: int) -> dict:
-    step = build_step(model_name, b, t, impl)
+    _row_fields, step = bench.build_config(model_name, b, t, impl, "cpu")
     for _ in range(warmup):
         step()
     wall, cpu = [], []
