@@ -267,11 +267,14 @@ def _logit_rows(rec, vocab):
     return sum(s[0] for f, s in rec.outputs if f in gemms and len(s) == 2 and s[1] == vocab)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "triton"], indirect=True)
 @pytest.mark.parametrize("method", ["npo", "simnpo", "idk_dpo"])
-def test_sequence_term_computes_the_logits_once_when_sequences_fit(method):
+def test_sequence_term_computes_the_logits_once_when_sequences_fit(backend, method):
     """One pass when every sequence (pair) fits a chunk: each forget row's logits are
     computed once over forward and backward (the paper's cost), and twice (token_stats: the
     backward recomputes them) when one does not fit; both equal the specification."""
+    if backend not in loss_backends():
+        pytest.skip(f"{backend} does not run here")
     v = 47
     h, w, y, rh, rw, b, _rb = _case(34, 12, v, torch.float32, seed=41)
     y, seg, n, pairs = _segments(y)
@@ -285,7 +288,7 @@ def test_sequence_term_computes_the_logits_once_when_sequences_fit(method):
         ref_logp = token_stats(rh, rw, y, bias=b, backend="chunked")[0]
         with AllocationRecorder() as rec:
             term, logp = sequence_forget_term(method, hh, ww, y, seg, n, pairs, ref_logp, bias=b,
-                                              backend="chunked", chunk_rows=chunk_rows)
+                                              backend=backend, chunk_rows=chunk_rows)
             term.backward()
         assert _logit_rows(rec, v) == passes * n_valid, (chunk_rows, n_valid)
         torch.testing.assert_close(term.double(), want, rtol=2e-5, atol=2e-6)

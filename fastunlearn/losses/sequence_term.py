@@ -11,8 +11,9 @@ the head (logits, dX, dW) instead of four, the paper's forget-row cost.
 
 ``sequence_forget_term`` picks the path: the one-pass custom op (``fastunlearn::sequence_term``,
 gradients computed in the forward and scaled by grad_output in the backward, like the fused
-loss) on the driver backends when the sequences fit, otherwise ``token_stats`` and the
-method's formula (the same values, two passes).
+loss) on the backends that run the chunk driver (chunked, cpp, cuda, triton) when the
+sequences fit, otherwise ``token_stats`` and the method's formula (the same values, two
+passes).
 """
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ from .token_stats import (
     _DRIVER_BACKENDS,
     _NLL_ROWS,
     _pass_options,
-    _row_pass,
     checked_rows,
+    row_pass_of,
     token_stats,
 )
 from .types import IGNORE_INDEX
 
-ONE_PASS_BACKENDS = _DRIVER_BACKENDS
+ONE_PASS_BACKENDS = (*_DRIVER_BACKENDS, "triton")  # the backends on the chunk driver
 
 
 def group_chunks(group_sizes: list[int], max_rows: int) -> list[int] | None:
@@ -64,7 +65,7 @@ def _sequence_term_op(hidden: Tensor, weight: Tensor, labels: Tensor, segment: T
     from .methods import sequence_term_and_weights
 
     options = _pass_options(softcap, logit_scale, IGNORE_INDEX, None)
-    row_pass, contiguous, fp32_gemm = _row_pass(backend)
+    row_pass, contiguous, fp32_gemm = row_pass_of(backend)
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
 
     def chunk_weights(start, rows, vals):
@@ -104,7 +105,7 @@ def _one_pass_chunks(backend: str, hidden, weight, group, chunk_rows) -> list[in
     """Chunk sizes of whole groups within the driver's chunk budget, or None (no one pass)."""
     if backend not in ONE_PASS_BACKENDS or not group.numel():
         return None
-    row_pass = _row_pass(backend)[0]
+    row_pass = row_pass_of(backend)[0]
     max_rows = plan_chunks(group.numel(), 0, weight.shape[0],
                            bytes_per_logit(gemm_dtype(weight), row_pass),
                            hidden.device.type, chunk_rows).rows

@@ -71,8 +71,9 @@ def _pass_options(softcap, logit_scale, ignore_index, chunk_rows) -> LossOptions
                        chunk_rows=chunk_rows)
 
 
-def _row_pass(backend: str):
-    """(row pass, whether it needs a contiguous head, fp32 GEMM or None) of a driver backend."""
+def row_pass_of(backend: str):
+    """(row pass, whether it needs a contiguous head, fp32 GEMM or None) of a backend that runs
+    on the chunk driver (chunked, cpp, cuda, triton)."""
     if backend == "cuda":
         from .cuda_backend import _kernel_row_pass
 
@@ -81,6 +82,10 @@ def _row_pass(backend: str):
         from .cpp_backend import onednn_gemm, row_pass
 
         return row_pass, False, onednn_gemm
+    if backend == "triton":
+        from .triton_backend import triton_row_pass
+
+        return triton_row_pass, False, None
     return torch_row_pass, False, None
 
 
@@ -89,7 +94,7 @@ def _driver_pass(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias,
     """One driver call with the rows once per entry of ``kinds`` (NLL and / or KL rows).
 
     Returns (values (len(kinds), BT) fp32, dX (BT, H) summed over the copies, dW, db)."""
-    row_pass, contiguous, fp32_gemm = _row_pass(backend)
+    row_pass, contiguous, fp32_gemm = row_pass_of(backend)
     bt = hidden.shape[0]
     n = len(kinds)
 
