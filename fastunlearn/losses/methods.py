@@ -16,9 +16,11 @@ w is the preferred (refusal) answer of a prompt, l its forget answer. At the ref
 (S == S_ref) NPO and IdkDPO give 2 log 2 / beta per sequence / pair. A sequence (a pair) counts
 in a mean when it has a valid token (both of its sequences have one); an empty mean is 0.
 
-The fused path (``method_forget_loss``) takes logp / logp_ref from ``token_stats`` (no
-(BT, V) logits); the specification (``method_forget_loss_ref``) takes them from a log_softmax
-over the full logits. Both share the formulas below, which return unreduced values.
+The fused path (``method_forget_loss``) never builds (BT, V) logits: logp / logp_ref from
+``token_stats``, or for the sequence methods one pass that also applies the formulas'
+derivatives per chunk (``sequence_term_and_weights``, in closed form); the specification
+(``method_forget_loss_ref``) takes logp from a log_softmax over the full logits. They share the
+formulas below, which return unreduced values.
 """
 from __future__ import annotations
 
@@ -273,7 +275,10 @@ def method_forget_loss(method: str, hidden: Tensor, weight: Tensor, labels: Tens
                        ignore_index: int = IGNORE_INDEX, beta: float | None = None,
                        gamma: float = DEFAULT_GAMMA, reduction: str = "mean",
                        backend: str = "auto", chunk_rows: int | None = None) -> Tensor:
-    """A method's forget term (multiply by eps_forget) on the fused ``token_stats``.
+    """A method's forget term (multiply by eps_forget), fused: ``token_stats`` for the token
+    methods, ``sequence_term.sequence_forget_term`` (one pass over the head when the sequences
+    fit a chunk) for npo, simnpo and idk_dpo; the reference's log-probabilities for npo and
+    idk_dpo from one ``token_stats`` pass without gradients.
 
     Args:
         method: a head method of ``METHODS`` (not rmu).
