@@ -213,7 +213,7 @@ def test_run_help_shows_what_the_default_config_runs_with(capsys):
         main(["run", "--help"])
     shown = _help_values(capsys.readouterr().out)
     assert shown["train.steps"] == "80 (built-in default 1000)"
-    assert shown["train.lr"] == "2e-05 (built-in default 2e-06)"
+    assert shown["train.lr"] == "5e-05 (built-in default 2e-06)"
     # Every key: the value a plain `fastunlearn run` uses, from the bundled YAML.
     cfg = load_config("default").to_dict()
     for key, text in shown.items():
