@@ -175,9 +175,11 @@ def resolved_config(config: str, run: Run) -> dict:
     return json.loads(json.dumps(cfg))
 
 
-def command(config: str, run: Run, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "fastunlearn", "run", "--quiet", "--config", config,
-            "--out", str(run_dir), *run.overrides]
+def command(config: str, run: Run) -> list[str]:
+    """The run's command, run from the comparison's folder (so its logs and records name no
+    path of this machine); ``python`` is this interpreter when it runs."""
+    return ["python", "-m", "fastunlearn", "run", "--quiet", "--config", config,
+            "--out", f"runs/{run.name}", *run.overrides]
 
 
 def check_existing(run_dir: Path, expected: dict, *, resume: bool, force: bool) -> bool:
@@ -229,14 +231,17 @@ def _last_error(log_path: Path) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def execute(cmd: list[str], log_path: Path, budget_s: float) -> dict:
-    """Run ``cmd`` (its own process group, output to ``log_path``) for at most ``budget_s``:
+def execute(cmd: list[str], log_path: Path, budget_s: float, cwd: Path | None = None) -> dict:
+    """Run ``cmd`` in ``cwd`` (its own process group, output to ``log_path``; a leading
+    ``python`` is this interpreter) for at most ``budget_s``:
     ``{status: ok | failed | over budget, error, process_seconds}``."""
+    if cmd[0] == "python":
+        cmd = [sys.executable, *cmd[1:]]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=budget_s)
@@ -598,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = _check_args(args)
         out = args.out.resolve()
+        # a YAML file named from here must still be found from the comparison's folder
+        config = str(Path(args.config).resolve()) if Path(args.config).is_file() \
+            else args.config
         configs = {r.name: resolved_config(args.config, r) for r in runs}
         keep = {r.name: check_existing(out / "runs" / r.name, configs[r.name],
                                        resume=args.resume, force=args.force) for r in runs}
@@ -608,8 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for r in runs:
             what = "keep (finished)" if keep[r.name] else "run"
-            print(f"# {r.name}: {what}\n"
-                  + " ".join(command(args.config, r, out / "runs" / r.name)))
+            print(f"# {r.name}: {what}\n" + f"cd {out} && " + " ".join(command(config, r)))
         return 0
     machine = _machine()
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -624,9 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if run_dir.exists():  # --force: a finished run of this grid point goes
                 shutil.rmtree(run_dir)
-            cmd = command(args.config, r, run_dir)
+            cmd = command(config, r)
             print(f"{tag}: running ...", flush=True)
-            record = execute(cmd, out / "logs" / f"{r.name}.log", budget_s)
+            record = execute(cmd, out / "logs" / f"{r.name}.log", budget_s, cwd=out)
             record.update(command=" ".join(cmd), **machine)
             record_path.write_text(json.dumps(record, indent=1) + "\n")
         row = build_row(r, run_dir, record, machine)

@@ -196,8 +196,9 @@ def _fake_execute(cm, outcomes):
     """execute() stand-in: writes the summary.json a finished run would, from its overrides."""
     calls = []
 
-    def execute(cmd, log_path, budget_s):
-        out = Path(cmd[cmd.index("--out") + 1])
+    def execute(cmd, log_path, budget_s, cwd=None):
+        assert cmd[0] == "python"
+        out = Path(cwd) / cmd[cmd.index("--out") + 1]
         overrides = cmd[cmd.index("--out") + 2:]
         method = overrides[0].split("=", 1)[1]
         calls.append(out.name)
@@ -249,6 +250,8 @@ def test_whole_comparison_with_stand_in_runs(cm, tmp_path, monkeypatch, capsys):
     assert (out / "pareto.png").read_bytes()[:8] == PNG
     record = json.loads((out / "logs" / "npo_lr1e-05.json").read_text())
     assert record["status"] == "ok" and "loss.method=npo" in record["command"]
+    assert record["command"].startswith("python -m fastunlearn run")  # no path of this machine
+    assert "--out runs/npo_lr1e-05 " in record["command"]
 
     # A finished run is never run again silently: refused, kept (--resume), or redone (--force).
     assert cm.main(args) == 2
@@ -281,7 +284,8 @@ def test_dry_run_prints_commands_and_writes_nothing(cm, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     commands = [ln for ln in lines if not ln.startswith("#")]
     assert len(commands) == 2 and not out.exists()
-    assert commands[0].endswith(f"--out {out / 'runs' / 'paper_lr1e-05'} loss.method=paper "
+    assert commands[0].startswith(f"cd {out} && python -m fastunlearn run")
+    assert commands[0].endswith("--out runs/paper_lr1e-05 loss.method=paper "
                                 "train.lr=1e-05 save_model=false train.steps=5 eval.n_xstest=4")
     assert "-m fastunlearn run --quiet --config default" in commands[1]
     assert "loss.eps_mismatch=0" in commands[1]
