@@ -26,6 +26,7 @@ from .losses.methods import (
     rmu_loss,
 )
 from .losses.sequence_term import sequence_forget_term
+from .losses.token_stats import reference_logprobs
 from .losses.types import KIND_FORGET, KIND_NORMAL
 from .models import eval_mode
 
@@ -158,8 +159,7 @@ def add_method_terms(out: LossOutput, method: MethodSettings, inputs, coef, hidd
         if method.reference_on_forget:
             cached = inputs.cached_ref_logp  # the cached reference: no reference GEMM here
             logp_ref = cached[sel] if cached is not None else \
-                _reference_logprobs(ref_hidden[sel], weight, ref_weight, labels,
-                                    head_args)
+                reference_logprobs(ref_hidden[sel], weight, labels, ref_weight, **head_args)
         head = {k: v for k, v in head_args.items() if k != "ref_bias"}
         forget_term, logp = sequence_forget_term(
             method.name, hidden[sel], weight, labels, segment, 2 * n, pairs, logp_ref,
@@ -170,19 +170,6 @@ def add_method_terms(out: LossOutput, method: MethodSettings, inputs, coef, hidd
     counts = torch.tensor(inputs.counts, device=out.loss.device)
     return LossOutput(loss, forget_nll, out.mismatch_nll, normal.detach(), counts[0], counts[1],
                       counts[2], backend=out.backend, forget_term=forget_term)
-
-
-def _reference_logprobs(ref_hidden, weight, ref_weight, labels, head_args: dict):
-    """The live reference's log p(label) per row (no gradient); its head is its own or, with
-    ``ref_weight`` None, the policy's (the policy's bias too unless a reference bias is given)."""
-    bias = head_args["ref_bias"]
-    if ref_weight is None and bias is None:
-        bias = head_args["bias"]
-    rest = {k: v for k, v in head_args.items() if k not in ("bias", "ref_bias")}
-    with torch.no_grad():
-        head = weight if ref_weight is None else ref_weight
-        return token_stats(ref_hidden, head.detach(), labels, bias=bias, with_kl=False,
-                           **rest)[0]
 
 
 # ----------------------------------------------------------------------------------- rmu

@@ -33,7 +33,7 @@ from torch import Tensor
 from .checks import flat_rows
 from .reference import logits_ref
 from .sequence_term import sequence_forget_term
-from .token_stats import token_stats
+from .token_stats import reference_logprobs, token_stats
 from .types import IGNORE_INDEX
 
 METHODS = ("paper", "graddiff", "npo", "simnpo", "idk_dpo", "rmu")
@@ -308,10 +308,8 @@ def method_forget_loss(method: str, hidden: Tensor, weight: Tensor, labels: Tens
                                          beta, gamma, reduction)
     logp_ref = None
     if method in REFERENCE_METHODS:
-        with torch.no_grad():
-            rw = weight if ref_weight is None else ref_weight
-            logp_ref = token_stats(ref_hidden, rw.detach(), flat_labels, bias=ref_bias,
-                                   with_kl=False, **head)[0]
+        logp_ref = reference_logprobs(ref_hidden, weight, flat_labels, ref_weight, bias=bias,
+                                      ref_bias=ref_bias, **head)
     term, _ = sequence_forget_term(method, hidden, weight, flat_labels, segment, n_segments,
                                    pairs, logp_ref, bias=bias, beta=beta, gamma=gamma, **head)
     if reduction == "sum":

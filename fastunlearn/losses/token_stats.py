@@ -313,3 +313,18 @@ def token_stats(hidden: Tensor, weight: Tensor, labels: Tensor,
     if not with_kl or ref_hidden is None:  # 0 and constant, as on the driver path
         kl = torch.zeros_like(logp_ref)
     return logp, logp_ref, kl
+
+
+def reference_logprobs(ref_hidden: Tensor, weight: Tensor, labels: Tensor,
+                       ref_weight: Tensor | None = None, *, bias: Tensor | None = None,
+                       ref_bias: Tensor | None = None, **kwargs) -> Tensor:
+    """(BT,) the reference's log p(label), without gradient (0 on ignored rows): its own head
+    ``ref_weight`` / ``ref_bias``, or with ``ref_weight`` None the policy's head, bias included
+    (``flat_rows``' rule). ``kwargs``: the other options of ``token_stats``."""
+    ref_hidden, _, labels, ref_bias = flat_rows(ref_hidden, None, labels, ref_weight, bias,
+                                                ref_bias)
+    head = weight if ref_weight is None else ref_weight
+    with torch.no_grad():
+        return token_stats(ref_hidden, head.detach(), labels,
+                           bias=None if ref_bias is None else ref_bias.detach(), with_kl=False,
+                           **kwargs)[0]
