@@ -19,6 +19,9 @@
 // FLOPs: 2NHV (Z) + 2 Nn HV (ZR) + 2NHV (dX) + 2NHV (dW): the GEMM floor.
 // Bytes beyond the GEMMs: Z / ZR are read once from DRAM by the row pass and written once as dZ
 // (about 3 x 4 x R x V per chunk). Workspace: 2 x R x V fp32 plus dW (V, H) fp32.
+// This loop is for fp32 heads. A bf16 head goes through the Python chunk driver with bf16 GEMMs
+// (about twice the fp32 rate on CPUs with AVX-512 bf16) and this file's row pass (row_pass_py),
+// which widens each bf16 row to fp32 in a per-thread buffer: no fp32 copy of the head.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -111,9 +114,22 @@ static void prepare_row(float* z, const float* bias, float cap, int64_t n) {
   }
 }
 
+// Low-precision logits (bf16) are widened into an fp32 row buffer, run through the same pass and
+// rounded back: the pass always computes in fp32.
+static inline void load_row(float* dst, const at::BFloat16* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+static inline void store_row(at::BFloat16* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(src[i]);  // round to nearest even
+}
+
 struct RowPass {
-  float* z;              // (R, V) policy logits; overwritten with dZ
-  float* zr;             // (Rn, V) reference logits of the normal suffix (scratch)
+  void* z;               // (R, V) policy logits (fp32 or bf16); overwritten with dZ
+  void* zr;              // (Rn, V) reference logits of the normal suffix (scratch), z's dtype
+  bool low_precision;    // z / zr hold bf16
+  const float* target;   // (R - Rn) fp32 target logits of the NLL rows (before bias), or null
   const float* bias;     // (V) or null
   const float* ref_bias; // (V) or null
   const int64_t* label;  // (R)
@@ -122,17 +138,19 @@ struct RowPass {
   float cap;             // soft-cap, <= 0 for none
   int64_t R, Rn, V;
 
-  // Steps 3a-3c for one row. kCap: the row holds t = tanh(z / c) and the logit is c t; the dz
-  // pass needs t for the cap's derivative, so the exponentials are recomputed instead of stored.
-  // Softmax as exp(z - max) / sum.
+  // Steps 3a-3c for row i held in fp32 at zi (and its reference row at ri for a normal row).
+  // kCap: the row holds t = tanh(z / c) and the logit is c t; the dz pass needs t for the cap's
+  // derivative, so the exponentials are recomputed instead of stored. Softmax as
+  // exp(z - max) / sum.
   template <bool kCap>
-  void row(int64_t i) const {
+  void row(int64_t i, float* zi, float* ri) const {
     const int64_t V_ = V;
     const float c = kCap ? cap : 1.0f;
-    float* zi = z + i * V_;
+    const bool normal = i >= R - Rn;
+    // a low-precision logit would carry its rounding (2^-9 relative in bf16) into the NLL
+    if (!normal && target != nullptr) zi[label[i]] = target[i];
     prepare_row(zi, bias, cap, V_);
     const float sc = scale[i];
-    const bool normal = i >= R - Rn;
     if (!normal) {
       const int64_t y = label[i];
       const float ty = zi[y];
@@ -162,7 +180,6 @@ struct RowPass {
       }
       return;
     }
-    float* ri = zr + (i - (R - Rn)) * V_;
     prepare_row(ri, ref_bias, cap, V_);
     const float m = c * row_max(zi, V_);
     const float mr = c * row_max(ri, V_);
@@ -196,11 +213,31 @@ struct RowPass {
     }
   }
 
+  void row(int64_t i, float* zi, float* ri) const {
+    if (cap > 0.0f) row<true>(i, zi, ri); else row<false>(i, zi, ri);
+  }
+
   void run() const {
     RECORD_FUNCTION("fastunlearn::cpp_row_pass", std::vector<c10::IValue>());
+    const int64_t first_normal = R - Rn;
     at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+      if (!low_precision) {
+        float* zf = static_cast<float*>(z);
+        float* rf = static_cast<float*>(zr);
+        for (int64_t i = lo; i < hi; ++i)
+          row(i, zf + i * V, i >= first_normal ? rf + (i - first_normal) * V : nullptr);
+        return;
+      }
+      // one fp32 copy of the row (and of its reference row) per thread, reused: L2-sized
+      std::vector<float> zi(V), ri(Rn > 0 ? V : 0);
+      auto* zb = static_cast<at::BFloat16*>(z);
+      auto* rb = static_cast<at::BFloat16*>(zr);
       for (int64_t i = lo; i < hi; ++i) {
-        if (cap > 0.0f) row<true>(i); else row<false>(i);
+        const bool normal = i >= first_normal;
+        load_row(zi.data(), zb + i * V, V);
+        if (normal) load_row(ri.data(), rb + (i - first_normal) * V, V);
+        row(i, zi.data(), normal ? ri.data() : nullptr);
+        store_row(zb + i * V, zi.data(), V);
       }
     });
   }
@@ -231,9 +268,10 @@ std::vector<at::Tensor> forward_backward(
   TORCH_CHECK(hidden.dim() == 2, "hidden must be (BT, H), got ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
               "weight must be (V, H) with H=", hidden.size(1), ", got ", weight.sizes());
-  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()) && at::isFloatingType(weight.scalar_type()),
-              "hidden and weight must be floating point, got ", hidden.scalar_type(), " and ",
-              weight.scalar_type());
+  // other heads take the chunk driver with their own GEMM dtype (no fp32 copy of a bf16 head)
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()) && weight.scalar_type() == at::kFloat,
+              "the fused loop takes a floating-point hidden and an fp32 weight, got ",
+              hidden.scalar_type(), " and ", weight.scalar_type());
   const int64_t BT = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   TORCH_CHECK(V > 0, "weight must have at least one vocabulary row");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == BT, "labels must be (", BT, ",), got ",
@@ -314,8 +352,7 @@ std::vector<at::Tensor> forward_backward(
   std::vector<float> val(N, 0.0f);
 
   if (N > 0) {
-    // fp32 copies only when needed (bf16 / fp16 / fp64 heads); fp32 contiguous heads are used as is
-    const at::Tensor W = weight.to(at::kFloat).contiguous();
+    const at::Tensor W = weight.contiguous();
     const at::Tensor WR = has_rw ? ref_weight_opt->to(at::kFloat).contiguous() : W;
     // the logit scale goes on the (V) biases and the gathered hidden rows, never on a head
     const float ls = static_cast<float>(logit_scale);
@@ -347,7 +384,7 @@ std::vector<at::Tensor> forward_backward(
         gemm(hr, WR.t(), zr, 0.0f);
       }
       // 3. fused row pass: values and dZ in place
-      RowPass pass{z.data_ptr<float>(), Rn > 0 ? zr.data_ptr<float>() : nullptr,
+      RowPass pass{z.data_ptr<float>(), Rn > 0 ? zr.data_ptr<float>() : nullptr, false, nullptr,
                    has_bias ? b.data_ptr<float>() : nullptr,
                    has_rbias ? rb.data_ptr<float>() : nullptr, row_label.data() + s,
                    row_scale.data() + s, val.data() + s, softcap > 0 ? (float)softcap : 0.0f,
@@ -398,24 +435,29 @@ at::Tensor gemm_py(const at::Tensor& a, const at::Tensor& b, at::Tensor c, doubl
   return c;
 }
 
-// The fused row pass alone, for the chunk driver (token statistics): z (R, V) fp32 logits of the
-// chunk, contiguous, overwritten with dZ; zr (R - ref_start, V) reference logits of its normal
-// suffix (scratch) or none; labels (R) int64 and scale (R) fp32; biases (V) fp32, already
-// multiplied by the logit scale. Returns each row's value (NLL, or KL on the suffix).
+// The fused row pass alone, for the chunk driver: z (R, V) fp32 or bf16 logits of the chunk,
+// contiguous, overwritten with dZ in their dtype; zr (R - ref_start, V) reference logits of its
+// normal suffix in z's dtype (scratch) or none; labels (R) int64 and scale (R) fp32; target
+// (ref_start) fp32 target logits of the NLL rows before the bias, or none (then read from z);
+// biases (V) fp32, already multiplied by the logit scale. Returns each row's value (NLL, or KL on
+// the suffix).
 at::Tensor row_pass_py(at::Tensor z, const c10::optional<at::Tensor>& zr_opt,
                        const at::Tensor& labels, const at::Tensor& scale, int64_t ref_start,
+                       const c10::optional<at::Tensor>& target_opt,
                        const c10::optional<at::Tensor>& bias_opt,
                        const c10::optional<at::Tensor>& ref_bias_opt, double softcap) {
-  TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kFloat && z.is_contiguous() &&
-                  z.device().is_cpu(), "row_pass: z must be a contiguous (R, V) fp32 CPU tensor");
+  const auto dt = z.scalar_type();
+  TORCH_CHECK(z.dim() == 2 && (dt == at::kFloat || dt == at::kBFloat16) && z.is_contiguous() &&
+                  z.device().is_cpu(),
+              "row_pass: z must be a contiguous (R, V) fp32 or bf16 CPU tensor");
   const int64_t R = z.size(0), V = z.size(1), Rn = R - ref_start;
   TORCH_CHECK(ref_start >= 0 && Rn >= 0, "row_pass: ref_start must be in [0, R], got ", ref_start);
   const bool has_zr = zr_opt.has_value() && zr_opt->defined();
   TORCH_CHECK(has_zr == (Rn > 0), "row_pass: reference logits are given exactly for normal rows");
   if (has_zr)
-    TORCH_CHECK(zr_opt->scalar_type() == at::kFloat && zr_opt->is_contiguous() &&
+    TORCH_CHECK(zr_opt->scalar_type() == dt && zr_opt->is_contiguous() &&
                     zr_opt->size(0) == Rn && zr_opt->size(1) == V,
-                "row_pass: zr must be a contiguous (", Rn, ", ", V, ") fp32 tensor");
+                "row_pass: zr must be a contiguous (", Rn, ", ", V, ") tensor of z's dtype");
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                   labels.numel() == R, "row_pass: labels must be (", R, ",) contiguous int64");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == R,
@@ -423,17 +465,17 @@ at::Tensor row_pass_py(at::Tensor z, const c10::optional<at::Tensor>& zr_opt,
   const int64_t* lp = labels.data_ptr<int64_t>();
   for (int64_t r = 0; r < ref_start; ++r)
     TORCH_CHECK(lp[r] >= 0 && lp[r] < V, "row_pass: label ", lp[r], " outside [0, ", V, ")");
-  auto vec = [V](const c10::optional<at::Tensor>& t, const char* name) -> const float* {
+  auto vec = [](const c10::optional<at::Tensor>& t, int64_t n, const char* name) -> const float* {
     if (!t.has_value() || !t->defined()) return nullptr;
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == V,
-                "row_pass: ", name, " must be (", V, ",) contiguous fp32");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n,
+                "row_pass: ", name, " must be (", n, ",) contiguous fp32");
     return t->data_ptr<float>();
   };
-  at::Tensor val = at::empty({R}, z.options());
-  RowPass pass{z.data_ptr<float>(), has_zr ? zr_opt->data_ptr<float>() : nullptr,
-               vec(bias_opt, "bias"), vec(ref_bias_opt, "ref_bias"), lp,
-               scale.data_ptr<float>(), val.data_ptr<float>(),
-               softcap > 0 ? (float)softcap : 0.0f, R, Rn, V};
+  at::Tensor val = at::empty({R}, z.options().dtype(at::kFloat));
+  RowPass pass{z.data_ptr(), has_zr ? zr_opt->data_ptr() : nullptr, dt == at::kBFloat16,
+               vec(target_opt, ref_start, "target"), vec(bias_opt, V, "bias"),
+               vec(ref_bias_opt, V, "ref_bias"), lp, scale.data_ptr<float>(),
+               val.data_ptr<float>(), softcap > 0 ? (float)softcap : 0.0f, R, Rn, V};
   pass.run();
   return val;
 }
@@ -448,9 +490,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_gemm", &set_gemm, "select the GEMM engine: 'onednn' or 'aten'");
   m.def("gemm_engine", &gemm_engine, "the GEMM engine in use");
   m.def("gemm", &gemm_py, "c = beta * c + a @ b with the selected engine");
-  m.def("row_pass", &row_pass_py, "the fused row pass on one chunk of fp32 logits (in place)",
-        py::arg("z"), py::arg("zr"), py::arg("labels"), py::arg("scale"), py::arg("ref_start"),
-        py::arg("bias"), py::arg("ref_bias"), py::arg("softcap"));
+  m.def("row_pass", &row_pass_py,
+        "the fused row pass on one chunk of fp32 or bf16 logits (in place)", py::arg("z"),
+        py::arg("zr"), py::arg("labels"), py::arg("scale"), py::arg("ref_start"),
+        py::arg("target"), py::arg("bias"), py::arg("ref_bias"), py::arg("softcap"));
   m.def("forward_backward", &forward_backward,
         "Fused unlearning loss: returns (loss, terms, counts, dX, dW, db) for grad_output = 1",
         py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("kind"),

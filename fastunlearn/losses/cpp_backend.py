@@ -3,15 +3,16 @@
 The extension is compiled just in time on first use (or on the first availability probe) and
 cached on disk (see ``_build``); importing this module compiles nothing. The op is registered as
 ``fastunlearn::cpp_unlearn_loss`` through the shared custom op (``op``). The C++ loop keeps its
-own fused row pass and GEMM calls (that is what makes it fast on CPU), with the driver's chunk
-plan and contract: same options, same outputs.
+own fused row pass and GEMM calls for fp32 heads (that is what makes it fast on CPU), with the
+driver's chunk plan and contract: same options, same outputs. Other heads run the chunk driver
+with their own GEMM dtype and the extension's row pass.
 """
 import os
 
 import torch
 
 from ._build import cpu_arch_flags, extension_status, load_extension
-from .driver import plan_chunks, torch_row_pass
+from .driver import plan_chunks, run_chunks, target_logits, torch_row_pass
 from .op import register_loss_op
 from .registry import Backend, register_backend
 
@@ -71,15 +72,26 @@ def onednn_gemm(a, b, out, beta):
 
 def row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, softcap):
     """The driver's row-pass contract (``driver.torch_row_pass``) through the extension's fused
-    C++ row pass (the same one its own loop runs) on fp32 logits; any other dtype takes the
-    PyTorch pass. ``token_stats`` on this backend uses it."""
-    if z.dtype != torch.float32:
+    C++ row pass on fp32 or bf16 logits (computing in fp32); fp64 takes the PyTorch pass. The
+    cpp backend runs it for bf16 heads, and ``token_stats`` on this backend for every head."""
+    if z.dtype not in _ROW_PASS_DTYPES:
         return torch_row_pass(z, zr, labels, scale, ref_start, hc, w, bias, ref_bias, softcap)
-    return load().row_pass(z, zr, labels, scale, ref_start, bias, ref_bias, softcap or 0.0)
+    target = None
+    if z.dtype != torch.float32 and ref_start > 0:  # the stored logit carries bf16 rounding
+        target = target_logits(hc[:ref_start], w, labels[:ref_start], None, None)
+    return load().row_pass(z, zr, labels, scale, ref_start, target, bias, ref_bias,
+                           softcap or 0.0)
 
 
-# The chunk plan's temporaries per logit: those of the PyTorch pass it falls back to.
-row_pass.temp_bytes_per_logit = torch_row_pass.temp_bytes_per_logit
+_ROW_PASS_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _row_pass_temp_bytes(dtype: torch.dtype) -> int:
+    """The C++ pass holds one fp32 row per thread; the PyTorch fallback its (R, V) buffers."""
+    return 0 if dtype in _ROW_PASS_DTYPES else torch_row_pass.temp_bytes_per_logit
+
+
+row_pass.temp_bytes_per_logit = _row_pass_temp_bytes
 
 
 def gemm_engine() -> str:
@@ -89,8 +101,11 @@ def gemm_engine() -> str:
 
 def _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, options, need_dx,
          need_dw, need_db):
-    """The extension's fused C++ loop behind the shared contract (``op``): the same chunk plan
-    as the driver, dW returned in the weight's dtype (cast in the forward)."""
+    """An fp32 head: the extension's fused C++ loop, with the driver's chunk plan and contract.
+    Any other head: the chunk driver with GEMMs in the head's dtype and the row pass above."""
+    if weight.dtype != torch.float32:
+        return run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias,
+                          options, row_pass, need_dx=need_dx, need_dw=need_dw, need_db=need_db)
     vocab = weight.shape[0]
     n_ref = 0 if ref_hidden is None else hidden.shape[0]
     rows = plan_chunks(hidden.shape[0], n_ref, vocab, 4, "cpu", options.chunk_rows).rows
@@ -101,7 +116,7 @@ def _run(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_bias, o
         need_dw)
     # "not needed": a distinct empty tensor per output, as the driver and the fake return it
     dx = dx if need_dx else hidden.new_empty(0)
-    dw = dw.to(weight.dtype) if need_dw else hidden.new_empty(0)
+    dw = dw if need_dw else hidden.new_empty(0)
     db = db.to(bias.dtype) if need_db else hidden.new_empty(0)
     return loss, terms, counts, dx, dw, db
 

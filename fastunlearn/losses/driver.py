@@ -8,6 +8,7 @@ reference logits form one suffix. Each chunk of C sorted rows then runs:
     3. row pass (pluggable)                  per-row NLL / KL, dZ written over Z
     4. dX_c = s dZ W                         straight into the caller's dX rows
     5. dW (=|+=) dZ^T (s H_c)                fp32 accumulation, beta = 0 on the first chunk
+                                             (a single chunk writes W's dtype directly)
     6. db += s colsum(dZ)
 
 s is the logit scale, applied to the gathered (C, H) rows, never to a (V, H) copy of a head.
@@ -81,8 +82,10 @@ def plan_chunks(n_rows: int, n_ref: int, vocab: int, itemsize: int, device_type:
 
 
 def bytes_per_logit(gemm_dt: torch.dtype, row_pass) -> int:
-    """A chunk's bytes per logit: the workspace element plus the row pass's own temporaries."""
-    return torch.finfo(gemm_dt).bits // 8 + getattr(row_pass, "temp_bytes_per_logit", 0)
+    """A chunk's bytes per logit: the workspace element plus the row pass's own temporaries
+    (``row_pass.temp_bytes_per_logit``: bytes, or a function of the logits' dtype)."""
+    temp = getattr(row_pass, "temp_bytes_per_logit", 0)
+    return torch.finfo(gemm_dt).bits // 8 + (temp(gemm_dt) if callable(temp) else temp)
 
 
 def gemm_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -98,7 +101,7 @@ def torch_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, beta: float)
 
 
 def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
-    """dw (V, H) = or += dz^T h with dw's precision (fp32 for low-precision inputs)."""
+    """dw (V, H) = or += dz^T h in dw's dtype (fp32, or the inputs' own for a single chunk)."""
     from fastunlearn.triton_kernels.dw_accumulate import accumulate_dw as acc
 
     acc(dw, dz, h, beta=0.0 if first else 1.0)
@@ -203,13 +206,16 @@ def run_chunks(hidden, weight, labels, kind, ref_hidden, ref_weight, bias, ref_b
     # "not needed" is an empty tensor, a distinct one per output (op outputs may not alias)
     dx = torch.zeros(bt, h_dim, device=device, dtype=hidden.dtype) if need_dx \
         else hidden.new_empty(0)
-    dw = torch.empty(vocab, h_dim, device=device, dtype=acc_dt) if need_dw \
-        else hidden.new_empty(0)
-    db = torch.zeros(vocab, device=device, dtype=acc_dt) if need_db else hidden.new_empty(0)
     vals = torch.zeros(n_rows, device=device, dtype=torch.float32)
     plan = plan_chunks(n_rows, n_n, vocab, bytes_per_logit(gdt, row_pass), device.type,
                        options.chunk_rows)
     sizes = _chunk_sizes(plan, n_rows, chunk_sizes)
+    # one chunk: one GEMM straight into the head's dtype rounds once, as an fp32 sum then a
+    # cast would; several chunks accumulate in fp32
+    dw_dt = gdt if len(sizes) == 1 else acc_dt
+    dw = torch.empty(vocab, h_dim, device=device, dtype=dw_dt) if need_dw \
+        else hidden.new_empty(0)
+    db = torch.zeros(vocab, device=device, dtype=acc_dt) if need_db else hidden.new_empty(0)
     if n_rows:
         most = max(sizes)
         zbuf = torch.empty(most, vocab, device=device, dtype=gdt)
