@@ -103,6 +103,9 @@ class TrainSection:
     stop_extra_steps: int = 0  # ...and the steps still taken after it is passed
     threads: int | None = None  # torch CPU threads (None = torch default)
     cpu_linear: str = "auto"  # fp32 on CPU: auto | onednn | torch GEMMs for nn.Linear layers
+    # bf16 on CPU: auto (sdpa attention on fp32 copies where that is faster, timed per shape;
+    # see cpu_attention.py) | native
+    cpu_attention: str = "auto"
     # CPU runs: glibc keeps freed memory for the next step instead of returning large blocks to
     # the kernel (no page faults on them every step; see cpu_memory.py)
     keep_freed_memory: bool = True
@@ -399,6 +402,7 @@ def validate(cfg: RunConfig) -> None:
         (t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
         (t.cpu_linear in ("auto", "onednn", "torch"),
          "train.cpu_linear must be auto, onednn or torch"),
+        (t.cpu_attention in ("auto", "native"), "train.cpu_attention must be auto or native"),
         (t.optimizer in ("auto", "adamw", "adamw_sr"),
          "train.optimizer must be auto, adamw or adamw_sr"),
         (t.report_to in ("none", "tensorboard"), "train.report_to must be none or tensorboard"),

@@ -83,7 +83,7 @@ _TIMING_FLOP_BUDGET = 2e9
 _TIMING_ROUNDS = 7
 
 
-def _median_ratio(first, second, rounds: int) -> float:
+def median_ratio(first, second, rounds: int) -> float:
     """Median over interleaved rounds of time(first) / time(second), the order alternating.
 
     Why paired rounds: on a shared machine a burst of other load during one library's timing
@@ -110,7 +110,7 @@ def onednn_is_faster(in_features: int, out_features: int, rows: int = 256,
     says, the backward GEMMs ``dX = dY W`` and ``dW = dY^T X``, in each library; their sum
     decides. A single forward shape is not enough: the backward GEMMs have other layouts, and
     on some CPUs the libraries rank differently on them. The two libraries are timed in
-    alternating rounds and the median ratio decides (see ``_median_ratio``).
+    alternating rounds and the median ratio decides (see ``median_ratio``).
     """
     if gemms not in GEMMS:
         raise ValueError(f"gemms must be one of {', '.join(GEMMS)}, got {gemms!r}")
@@ -145,7 +145,7 @@ def onednn_is_faster(in_features: int, out_features: int, rows: int = 256,
             if need_dw:
                 torch.mm(dy.t(), x, out=dw)
 
-        _FASTER[key] = _median_ratio(onednn, torch_blas, _TIMING_ROUNDS) < 1.0
+        _FASTER[key] = median_ratio(onednn, torch_blas, _TIMING_ROUNDS) < 1.0
     return _FASTER[key]
 
 

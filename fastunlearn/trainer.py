@@ -318,6 +318,7 @@ class Trainer:
         else:
             self.reference = main_ref
         self._route_cpu_linears()
+        self._route_cpu_attention()
         self.packing_off_reason = None
         self.packing = cfg.train.packing and self._on_main(
             lambda: self._packing_keeps_rows_apart(main_policy, main_ref))
@@ -431,6 +432,18 @@ class Trainer:
             except ExtensionBuildError as exc:
                 raise ConfigError(f"train.cpu_linear=onednn needs the C++ extension: "
                                   f"{str(exc).splitlines()[0]}") from exc
+
+    def _route_cpu_attention(self) -> None:
+        """bf16 / fp16 on CPU: sdpa attention on fp32 copies of its inputs for the shapes where
+        that is faster (see cpu_attention.py), in both models, so that they compute alike."""
+        from .cpu_attention import use_fp32_attention_where_faster
+
+        if self.device.type != "cpu" or self.compute_dtype == torch.float32 \
+                or self.cfg.train.cpu_attention != "auto":
+            return
+        for model in (self.policy, self.reference):
+            if model is not None:
+                use_fp32_attention_where_faster(model)
 
     def _logprob_rows(self) -> dict:
         """{kind: rows} whose reference log-probabilities the cached reference keeps: the

@@ -32,6 +32,7 @@ def test_yaml_file(tmp_path):
     ("train.steps=0", "train.steps must be >= 1"),
     ("loss.eps_forget=-1", "coefficients must be >= 0"),
     ("train.cpu_linear=mkl", "train.cpu_linear must be auto, onednn or torch"),
+    ("train.cpu_attention=fp16", "train.cpu_attention must be auto or native"),
     ("train.optimizer=sgd", "train.optimizer must be auto, adamw or adamw_sr"),
 ])
 def test_bad_overrides(override, message):
