@@ -15,17 +15,30 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def cpu_model() -> str:
-    """The processor's model name (/proc/cpuinfo on Linux), for rows measured on a CPU."""
+    """The processor for rows measured on a CPU: /proc/cpuinfo's model name, family, model and
+    stepping, and the vector extensions that decide GEMM speed (virtual machines often report
+    only "AMD EPYC"), e.g. "AMD EPYC (family 25 model 17 stepping 1; avx512f avx512_bf16)"."""
+    fields, flags = {}, set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if not key:
+                    break  # the first processor is enough
+                fields.setdefault(key, value)
+                if key == "flags":
+                    flags = set(value.split())
     except OSError:
         pass
-    import platform
+    if "model name" not in fields:
+        import platform
 
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    ident = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping")
+                     if k in fields)
+    isa = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+    detail = "; ".join(x for x in (ident, isa) if x)
+    return f"{fields['model name']} ({detail})" if detail else fields["model name"]
 
 
 def device_name(device: torch.device) -> str:
