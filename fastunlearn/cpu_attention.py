@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cpu_linear import median_ratio
 from .log import get_logger
@@ -69,8 +70,6 @@ def fp32_is_faster(query: torch.Tensor, key: torch.Tensor) -> bool:
 def cpu_sdpa_attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
     """Hugging Face's ``sdpa`` attention, on fp32 copies of q / k / v (and a float mask) where
     that is faster (``fp32_is_faster``); the output comes back in the inputs' dtype."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     low = query.dtype in (torch.bfloat16, torch.float16)
     if query.device.type != "cpu" or not low or not fp32_is_faster(query, key):
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)

@@ -436,11 +436,11 @@ class Trainer:
     def _route_cpu_attention(self) -> None:
         """bf16 / fp16 on CPU: sdpa attention on fp32 copies of its inputs for the shapes where
         that is faster (see cpu_attention.py), in both models, so that they compute alike."""
-        from .cpu_attention import use_fp32_attention_where_faster
-
         if self.device.type != "cpu" or self.compute_dtype == torch.float32 \
                 or self.cfg.train.cpu_attention != "auto":
             return
+        from .cpu_attention import use_fp32_attention_where_faster
+
         for model in (self.policy, self.reference):
             if model is not None:
                 use_fp32_attention_where_faster(model)
